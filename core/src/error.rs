@@ -1,0 +1,59 @@
+//! One error type for the runtime. Every failure a user can act on has its own variant.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("model not found: {0}")]
+    ModelNotFound(PathBuf),
+
+    #[error("invalid model at {path}: {message}")]
+    InvalidModel { path: PathBuf, message: String },
+
+    #[error("model folder {path} has no `{component}` component ({hint})")]
+    MissingComponent { path: PathBuf, component: String, hint: String },
+
+    /// Missing, unexpected or mis-shaped tensors, all of them in one report.
+    #[error("weights of {component} do not match its config ({file}):\n{report}")]
+    WeightMismatch { component: String, file: PathBuf, report: String },
+
+    #[error("{file}: pickle checkpoints are never executed. Convert it to safetensors first, e.g. with diffusers: \
+             `python -c \"import torch, safetensors.torch as st; sd = torch.load('{file}', weights_only=True); \
+             st.save_file({{k: v.contiguous() for k, v in sd.get('state_dict', sd).items()}}, 'model.safetensors')\"`")]
+    PickleRefused { file: PathBuf },
+
+    #[error("corrupt or unreadable safetensors file {file}: {message}")]
+    CorruptWeights { file: PathBuf, message: String },
+
+    #[error("non-finite values (NaN or Inf) in {count} tensor(s) of {component}: {names}")]
+    NonFiniteWeights { component: String, count: usize, names: String },
+
+    #[error("device unavailable: {0}")]
+    DeviceUnavailable(String),
+
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    #[error("cancelled")]
+    Cancelled,
+
+    #[error("I/O error on {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+    pub fn invalid_model(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Error::InvalidModel { path: path.into(), message: message.into() }
+    }
+}

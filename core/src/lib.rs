@@ -1,0 +1,17 @@
+//! unsee: Stable Diffusion 1.x on burn (CPU via `flex`, GPU via wgpu), with module and field names equal to the
+//! diffusers checkpoint keys, proven equal to diffusers by the tests in `core/tests/`.
+
+pub mod clip;
+pub mod compvis;
+pub mod device;
+pub mod error;
+pub mod model;
+pub mod nn;
+pub mod pipeline;
+pub mod scheduler;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;
+pub mod weights;
+
+pub use error::{Error, Result};

@@ -1,0 +1,299 @@
+//! Building blocks shared by the UNet and the VAE, named as in diffusers (`diffusers.models.attention_processor`,
+//! `resnet`, `attention`, `transformers.transformer_2d`), so their fields equal the checkpoint keys.
+
+use burn::module::Module;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{Dropout, DropoutConfig, GroupNorm, GroupNormConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig,
+               PaddingConfig2d};
+use burn::tensor::activation::{gelu, silu};
+use burn::tensor::module::{attention, interpolate};
+use burn::tensor::ops::{AttentionModuleOptions, InterpolateMode, InterpolateOptions};
+use burn::tensor::{Device, Tensor};
+
+pub fn linear(d_in: usize, d_out: usize, bias: bool, device: &Device) -> Linear {
+    LinearConfig::new(d_in, d_out).with_bias(bias).init(device)
+}
+
+pub fn conv2d(c_in: usize, c_out: usize, kernel: usize, stride: usize, padding: usize, device: &Device) -> Conv2d {
+    Conv2dConfig::new([c_in, c_out], [kernel, kernel])
+        .with_stride([stride, stride])
+        .with_padding(PaddingConfig2d::Explicit(padding, padding, padding, padding))
+        .init(device)
+}
+
+pub fn group_norm(groups: usize, channels: usize, eps: f64, device: &Device) -> GroupNorm {
+    GroupNormConfig::new(groups, channels).with_epsilon(eps).init(device)
+}
+
+pub fn layer_norm(dim: usize, eps: f64, device: &Device) -> LayerNorm {
+    LayerNormConfig::new(dim).with_epsilon(eps).init(device)
+}
+
+/// Scaled dot-product attention over `[batch, seq, heads*dim]` projections.
+pub fn multi_head_attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, causal: bool) -> Tensor<3> {
+    let [b, sq, c] = q.dims();
+    let sk = k.dims()[1];
+    let d = c / heads;
+    let split = |x: Tensor<3>, s: usize| x.reshape([b, s, heads, d]).swap_dims(1, 2);
+    let out = attention(
+        split(q, sq),
+        split(k, sk),
+        split(v, sk),
+        None,
+        None,
+        AttentionModuleOptions { scale: Some(1.0 / (d as f64).sqrt()), softcap: None, is_causal: causal },
+    );
+    out.swap_dims(1, 2).reshape([b, sq, c])
+}
+
+/// `diffusers.models.attention_processor.Attention`: self- or cross-attention with `to_q/to_k/to_v/to_out.0`
+/// (and, in the VAE, its own `group_norm` and a residual connection).
+#[derive(Module, Debug)]
+pub struct Attention {
+    pub group_norm: Option<GroupNorm>,
+    pub to_q: Linear,
+    pub to_k: Linear,
+    pub to_v: Linear,
+    /// `to_out` is `[Linear, Dropout]` in diffusers; only index 0 has weights.
+    pub to_out: Vec<Linear>,
+    pub heads: usize,
+}
+
+impl Attention {
+    pub fn new(query_dim: usize, context_dim: usize, heads: usize, dim_head: usize, qkv_bias: bool,
+               group_norm: Option<GroupNorm>, device: &Device) -> Self {
+        let inner = heads * dim_head;
+        Self {
+            group_norm,
+            to_q: linear(query_dim, inner, qkv_bias, device),
+            to_k: linear(context_dim, inner, qkv_bias, device),
+            to_v: linear(context_dim, inner, qkv_bias, device),
+            to_out: vec![linear(inner, query_dim, true, device)],
+            heads,
+        }
+    }
+
+    /// `x`: `[b, s, c]`; `context`: `[b, s_ctx, c_ctx]` for cross-attention, `None` for self-attention.
+    pub fn forward(&self, x: Tensor<3>, context: Option<Tensor<3>>) -> Tensor<3> {
+        let context = context.unwrap_or_else(|| x.clone());
+        let q = self.to_q.forward(x);
+        let k = self.to_k.forward(context.clone());
+        let v = self.to_v.forward(context);
+        self.to_out[0].forward(multi_head_attention(q, k, v, self.heads, false))
+    }
+
+    /// The VAE's spatial self-attention over `[b, c, h, w]`, with its group norm and residual.
+    pub fn forward_spatial(&self, x: Tensor<4>) -> Tensor<4> {
+        let [b, c, h, w] = x.dims();
+        let residual = x.clone();
+        let x = match &self.group_norm {
+            Some(n) => n.forward(x),
+            None => x,
+        };
+        let x = x.reshape([b, c, h * w]).swap_dims(1, 2);
+        let x = self.forward(x, None);
+        x.swap_dims(1, 2).reshape([b, c, h, w]) + residual
+    }
+}
+
+/// `diffusers.models.resnet.ResnetBlock2D` (time-scale-shift "default", output scale 1).
+#[derive(Module, Debug)]
+pub struct ResnetBlock2D {
+    pub norm1: GroupNorm,
+    pub conv1: Conv2d,
+    pub time_emb_proj: Option<Linear>,
+    pub norm2: GroupNorm,
+    pub conv2: Conv2d,
+    pub conv_shortcut: Option<Conv2d>,
+}
+
+impl ResnetBlock2D {
+    pub fn new(c_in: usize, c_out: usize, temb: Option<usize>, groups: usize, eps: f64, device: &Device) -> Self {
+        Self {
+            norm1: group_norm(groups, c_in, eps, device),
+            conv1: conv2d(c_in, c_out, 3, 1, 1, device),
+            time_emb_proj: temb.map(|t| linear(t, c_out, true, device)),
+            norm2: group_norm(groups, c_out, eps, device),
+            conv2: conv2d(c_out, c_out, 3, 1, 1, device),
+            conv_shortcut: (c_in != c_out).then(|| conv2d(c_in, c_out, 1, 1, 0, device)),
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<4>, temb: Option<&Tensor<2>>) -> Tensor<4> {
+        let h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
+        let h = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(t)) => {
+                let t = proj.forward(silu(t.clone()));
+                let [b, c] = t.dims();
+                h + t.reshape([b, c, 1, 1])
+            }
+            _ => h,
+        };
+        let h = self.conv2.forward(silu(self.norm2.forward(h)));
+        let shortcut = match &self.conv_shortcut {
+            Some(conv) => conv.forward(x),
+            None => x,
+        };
+        shortcut + h
+    }
+}
+
+/// `diffusers.models.downsampling.Downsample2D` with a strided 3×3 convolution. The VAE uses padding 0 after an
+/// asymmetric (0, 1, 0, 1) pad; the UNet uses padding 1.
+#[derive(Module, Debug)]
+pub struct Downsample2D {
+    pub conv: Conv2d,
+    pub asymmetric_pad: bool,
+}
+
+impl Downsample2D {
+    pub fn new(channels: usize, padding: usize, device: &Device) -> Self {
+        Self { conv: conv2d(channels, channels, 3, 2, padding, device), asymmetric_pad: padding == 0 }
+    }
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let x = if self.asymmetric_pad { x.pad([(0, 1), (0, 1)], burn::tensor::ops::PadMode::Constant(0.0)) } else { x };
+        self.conv.forward(x)
+    }
+}
+
+/// `diffusers.models.upsampling.Upsample2D`: nearest-neighbour ×2 (or to the skip connection's size), then a 3×3 conv.
+#[derive(Module, Debug)]
+pub struct Upsample2D {
+    pub conv: Conv2d,
+}
+
+impl Upsample2D {
+    pub fn new(channels: usize, device: &Device) -> Self {
+        Self { conv: conv2d(channels, channels, 3, 1, 1, device) }
+    }
+    pub fn forward(&self, x: Tensor<4>, size: Option<[usize; 2]>) -> Tensor<4> {
+        let [_, _, h, w] = x.dims();
+        let mut opts = InterpolateOptions::new(InterpolateMode::Nearest);
+        opts.output_size = Some(size.unwrap_or([h * 2, w * 2]));
+        self.conv.forward(interpolate(x, opts))
+    }
+}
+
+/// `diffusers.models.activations.GEGLU`.
+#[derive(Module, Debug)]
+pub struct GEGLU {
+    pub proj: Linear,
+}
+
+impl GEGLU {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let h = self.proj.forward(x);
+        let d = h.dims()[2] / 2;
+        let hidden = h.clone().narrow(2, 0, d);
+        let gate = h.narrow(2, d, d);
+        hidden * gelu(gate)
+    }
+}
+
+/// `diffusers.models.attention.FeedForward`: `net = [GEGLU, Dropout, Linear]`, so that keys read `ff.net.0.proj`
+/// and `ff.net.2`.
+#[derive(Module, Debug)]
+pub struct FeedForward {
+    pub net: (GEGLU, Dropout, Linear),
+}
+
+impl FeedForward {
+    pub fn new(dim: usize, device: &Device) -> Self {
+        let inner = dim * 4;
+        Self {
+            net: (GEGLU { proj: linear(dim, inner * 2, true, device) }, DropoutConfig::new(0.0).init(),
+                  linear(inner, dim, true, device)),
+        }
+    }
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.net.2.forward(self.net.0.forward(x))
+    }
+}
+
+/// `diffusers.models.attention.BasicTransformerBlock` (SD-1.x: self-attention, cross-attention, GEGLU).
+#[derive(Module, Debug)]
+pub struct BasicTransformerBlock {
+    pub norm1: LayerNorm,
+    pub attn1: Attention,
+    pub norm2: LayerNorm,
+    pub attn2: Attention,
+    pub norm3: LayerNorm,
+    pub ff: FeedForward,
+}
+
+impl BasicTransformerBlock {
+    pub fn new(dim: usize, heads: usize, dim_head: usize, context_dim: usize, device: &Device) -> Self {
+        Self {
+            norm1: layer_norm(dim, 1e-5, device),
+            attn1: Attention::new(dim, dim, heads, dim_head, false, None, device),
+            norm2: layer_norm(dim, 1e-5, device),
+            attn2: Attention::new(dim, context_dim, heads, dim_head, false, None, device),
+            norm3: layer_norm(dim, 1e-5, device),
+            ff: FeedForward::new(dim, device),
+        }
+    }
+    pub fn forward(&self, x: Tensor<3>, context: &Tensor<3>) -> Tensor<3> {
+        let x = self.attn1.forward(self.norm1.forward(x.clone()), None) + x;
+        let x = self.attn2.forward(self.norm2.forward(x.clone()), Some(context.clone())) + x;
+        self.ff.forward(self.norm3.forward(x.clone())) + x
+    }
+}
+
+/// `proj_in`/`proj_out` of a `Transformer2DModel`: 1×1 convolutions (SD-1.x) or linear layers
+/// (`use_linear_projection`, SD-2.x). An enum module: the variant is chosen from the config, the key stays the same.
+#[derive(Module, Debug)]
+pub enum Projection {
+    Conv(Conv2d),
+    Linear(Linear),
+}
+
+/// `diffusers.models.transformers.transformer_2d.Transformer2DModel` (continuous input).
+#[derive(Module, Debug)]
+pub struct Transformer2DModel {
+    pub norm: GroupNorm,
+    pub proj_in: Projection,
+    pub transformer_blocks: Vec<BasicTransformerBlock>,
+    pub proj_out: Projection,
+}
+
+impl Transformer2DModel {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(channels: usize, heads: usize, context_dim: usize, layers: usize, groups: usize, linear_proj: bool,
+               device: &Device) -> Self {
+        let proj = || {
+            if linear_proj {
+                Projection::Linear(linear(channels, channels, true, device))
+            } else {
+                Projection::Conv(conv2d(channels, channels, 1, 1, 0, device))
+            }
+        };
+        Self {
+            norm: group_norm(groups, channels, 1e-6, device),
+            proj_in: proj(),
+            transformer_blocks: (0..layers)
+                .map(|_| BasicTransformerBlock::new(channels, heads, channels / heads, context_dim, device))
+                .collect(),
+            proj_out: proj(),
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<4>, context: &Tensor<3>) -> Tensor<4> {
+        let [b, c, h, w] = x.dims();
+        let residual = x.clone();
+        let x = self.norm.forward(x);
+        let to_seq = |x: Tensor<4>| x.reshape([b, c, h * w]).swap_dims(1, 2);
+        let mut x = match &self.proj_in {
+            Projection::Conv(conv) => to_seq(conv.forward(x)),
+            Projection::Linear(lin) => lin.forward(to_seq(x)),
+        };
+        for block in &self.transformer_blocks {
+            x = block.forward(x, context);
+        }
+        let to_img = |x: Tensor<3>| x.swap_dims(1, 2).reshape([b, c, h, w]);
+        let x = match &self.proj_out {
+            Projection::Conv(conv) => conv.forward(to_img(x)),
+            Projection::Linear(lin) => to_img(lin.forward(x)),
+        };
+        x + residual
+    }
+}

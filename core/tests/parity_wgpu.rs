@@ -1,0 +1,56 @@
+//! The same parity checks on the wgpu device (in CI: lavapipe, Mesa's software Vulkan driver).
+//!
+//! Tolerances on wgpu (absolute, scaled by max(1, max |golden|)): text encoder, UNet and VAE 1e-3; complete
+//! 10-step runs 2e-3. The GPU kernels (tiled matmul, fused attention, reductions) accumulate in a different order
+//! than PyTorch's CPU kernels, hence a looser bound than on the CPU.
+//!
+//! These tests fail when no wgpu adapter exists (install `mesa-vulkan-drivers`); set `UNSEE_SKIP_GPU_TESTS=1` to
+//! skip them on a machine without Vulkan.
+
+mod common;
+
+use std::sync::Once;
+
+use common::checks as cpu;
+use common::*;
+use unsee::device::DeviceChoice;
+use unsee::scheduler::SchedulerKind;
+
+static INIT: Once = Once::new();
+
+fn gpu_available() -> bool {
+    INIT.call_once(|| {
+        // Autotune benchmarks every new shape; on a software rasteriser that costs more than it saves.
+        if std::env::var_os("CUBECL_AUTOTUNE_LEVEL").is_none() {
+            // SAFETY: runs once, before any backend thread is started by this test binary.
+            unsafe { std::env::set_var("CUBECL_AUTOTUNE_LEVEL", "minimal") };
+        }
+    });
+    if std::env::var_os("UNSEE_SKIP_GPU_TESTS").is_some() {
+        eprintln!("UNSEE_SKIP_GPU_TESTS is set: skipping the wgpu parity test");
+        return false;
+    }
+    assert!(
+        !unsee::device::list_adapters().is_empty(),
+        "no wgpu adapter: install a Vulkan driver (Debian: mesa-vulkan-drivers) or set UNSEE_SKIP_GPU_TESTS=1"
+    );
+    true
+}
+
+#[test]
+fn tiny_model_matches_diffusers_on_wgpu() {
+    if !gpu_available() {
+        return;
+    }
+    let sd = cpu::load("tiny", DeviceChoice::Gpu);
+    assert!(sd.device.is_gpu);
+    eprintln!("device: {}", sd.device.description);
+    let g = Golden::load("tiny");
+    cpu::check_text_encoder(&sd, &g, 1e-3);
+    cpu::check_unet(&sd, &g, 1e-3);
+    cpu::check_vae(&sd, &g, 1e-3);
+    for (name, kind) in [("ddim", SchedulerKind::Ddim), ("euler_a", SchedulerKind::EulerAncestral),
+                         ("dpmpp_2m_karras", SchedulerKind::DpmSolverPP2M { karras: true })] {
+        cpu::check_run(&sd, &g, name, kind, 2e-3);
+    }
+}
