@@ -46,11 +46,17 @@ impl Adapter {
     }
 }
 
-/// Lists wgpu adapters (Vulkan, Metal, DX12, GL), hardware first. Never panics.
+/// Lists wgpu adapters of the primary APIs (Vulkan, Metal, DX12), hardware first. Never panics.
 pub fn list_adapters() -> Vec<Adapter> {
     let listed = std::panic::catch_unwind(|| {
-        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-        pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
+        let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+        if std::env::var_os("WGPU_BACKEND").is_none() {
+            // GL adapters are not used by burn's wgpu runtime; probing them only prints EGL noise.
+            desc.backends = wgpu::Backends::PRIMARY;
+        }
+        let backends = desc.backends;
+        let instance = wgpu::Instance::new(desc);
+        pollster::block_on(instance.enumerate_adapters(backends))
             .into_iter()
             .map(|a| (a.get_info(), a.features().contains(wgpu::Features::SHADER_F16)))
             .collect::<Vec<_>>()

@@ -1,0 +1,281 @@
+//! The `unsee` binary end to end: parity through the CLI, and every kind of bad input giving a clear error and a
+//! non-zero exit (never a panic).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::*;
+use safetensors::{Dtype, SafeTensors};
+
+fn unsee(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_unsee"))
+        .args(args)
+        .env("RUST_LOG", "unsee=info,warn")
+        .output()
+        .expect("run unsee")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+/// Runs unsee and asserts it fails cleanly (exit 1 for errors, 2 for usage errors; not a panic) with `needle` in
+/// its message.
+fn fails_with(args: &[&str], needle: &str) -> String {
+    let o = unsee(args);
+    let err = stderr(&o);
+    assert!(matches!(o.status.code(), Some(1 | 2)), "expected a clean failure for {args:?}, got {:?}:\n{err}", o.status);
+    assert!(err.contains(needle), "expected {needle:?} in the error for {args:?}:\n{err}");
+    assert!(!err.contains("panicked"), "panic for {args:?}:\n{err}");
+    err
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("unsee-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let p = e.path();
+        if p.is_dir() {
+            copy_dir(&p, &to.join(e.file_name()));
+        } else {
+            std::fs::copy(&p, to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+fn tiny_copy(name: &str) -> PathBuf {
+    let d = tmp(name).join("model");
+    copy_dir(&model_dir("tiny"), &d);
+    d
+}
+
+/// Rewrites a safetensors file, letting `edit` change each tensor's (dtype, shape, bytes).
+fn rewrite(path: &Path, edit: impl Fn(&str, Dtype, Vec<usize>, Vec<u8>) -> (Dtype, Vec<usize>, Vec<u8>)) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let edited: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            let (d, s, b) = edit(&n, v.dtype(), v.shape().to_vec(), v.data().to_vec());
+            (n, d, s, b)
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = edited
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+fn write_latents(path: &Path, shape: &[usize], v: &[f32]) {
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let view = safetensors::tensor::TensorView::new(Dtype::F32, shape.to_vec(), &bytes).unwrap();
+    safetensors::serialize_to_file(vec![("latents".to_string(), view)], None, path).unwrap();
+}
+
+fn read_f32(path: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let v = st.tensor(name).unwrap();
+    (v.shape().to_vec(), v.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect())
+}
+
+#[test]
+fn generate_from_init_latents_matches_diffusers() {
+    let g = Golden::load("tiny");
+    let d = tmp("init");
+    let init = d.join("init.safetensors");
+    let (shape, v) = g.f32("run.init_latents");
+    write_latents(&init, shape, v);
+    let out_latents = d.join("final.safetensors");
+    let png = d.join("x.png");
+    let o = unsee(&["generate", "--device", "cpu", "--prompt", "a lighthouse at dusk", "--negative", "blurry",
+                    "--steps", "10", "--guidance", "7.5", "--init-latents", init.to_str().unwrap(),
+                    "--save-latents", out_latents.to_str().unwrap(), "--out", png.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).expect("--json prints JSON");
+    assert_eq!(summary["timings_s"]["steps"].as_array().unwrap().len(), 10);
+    assert!(summary["device"].as_str().unwrap().starts_with("cpu"));
+    let (s, got) = read_f32(&out_latents, "latents");
+    assert_eq!(s, shape);
+    assert_close("CLI ddim final latents", &got, g.f32("run.ddim.latents").1, 1e-3);
+    let img = image::open(&png).unwrap();
+    assert_eq!((img.width(), img.height()), (64, 64));
+    // The decoded image equals diffusers' decode of its own final latents (to 8-bit rounding).
+    let want = g.f32("run.ddim.image").1;
+    let rgb = img.to_rgb8();
+    let mut worst = 0f32;
+    for c in 0..3 {
+        for p in 0..64 * 64 {
+            let w = ((want[c * 64 * 64 + p] / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0).round();
+            worst = worst.max((rgb.as_raw()[p * 3 + c] as f32 - w).abs());
+        }
+    }
+    assert!(worst <= 1.0, "decoded pixels differ from diffusers by up to {worst} levels");
+}
+
+#[test]
+fn same_seed_same_image_and_seed_changes_it() {
+    let d = tmp("seed");
+    let run = |seed: &str, out: &str| {
+        let p = d.join(out);
+        let o = unsee(&["generate", "--device", "cpu", "--prompt", "a red circle", "--steps", "3", "--seed", seed,
+                        "--out", p.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        std::fs::read(p).unwrap()
+    };
+    assert_eq!(run("1", "a.png"), run("1", "b.png"));
+    assert_ne!(run("1", "a.png"), run("2", "c.png"));
+}
+
+#[test]
+fn encode_writes_the_text_encoder_hidden_states() {
+    let g = Golden::load("tiny");
+    let d = tmp("encode");
+    let out = d.join("enc.safetensors");
+    let o = unsee(&["encode", "--device", "cpu", "--prompt", "a lighthouse at dusk", "--prompt", "",
+                    "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (s, h0) = read_f32(&out, "prompt.0.hidden");
+    assert_eq!(s, vec![77, 32]);
+    assert_close("encode prompt 0", &h0, g.f32("text.0.hidden").1, 1e-4);
+    assert_close("encode prompt 1", &read_f32(&out, "prompt.1.hidden").1, g.f32("text.1.hidden").1, 1e-4);
+    let bytes = std::fs::read(&out).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let ids = st.tensor("prompt.0.input_ids").unwrap();
+    assert_eq!((ids.dtype(), ids.shape()), (Dtype::I64, &[77usize][..]));
+    let ids: Vec<i64> = ids.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect();
+    assert_eq!(ids, g.i64("text.0.input_ids"));
+}
+
+#[test]
+fn info_describes_the_model() {
+    let o = unsee(&["info", "--device", "cpu"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["unet"]["block_out_channels"], serde_json::json!([32, 64]));
+    assert!(v["parameters"]["unet"].as_u64().unwrap() > 100_000);
+    assert_eq!(v["text_encoder"]["vocab"], 49408);
+    assert!(v["files"]["unet"]["dtypes"]["f32"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn long_prompts_are_truncated_with_a_warning() {
+    let d = tmp("long");
+    let long = "word ".repeat(100);
+    let o = unsee(&["encode", "--device", "cpu", "--prompt", &long, "--out", d.join("e.safetensors").to_str().unwrap()]);
+    assert!(o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains("the last 25 token(s) were dropped"), "{err}");
+}
+
+#[test]
+fn bad_requests_are_refused() {
+    fails_with(&["generate", "--prompt", "x", "--scheduler", "plms"], "unknown scheduler");
+    fails_with(&["generate", "--device", "cpu", "--prompt", "x", "--width", "100"], "multiple of 8");
+    fails_with(&["generate", "--device", "cpu", "--prompt", "x", "--steps", "0"], "at least 1");
+    fails_with(&["generate", "--device", "cpu", "--prompt", "x", "--guidance", "NaN", "--steps", "1"], "guidance");
+    fails_with(&["generate", "--device", "tpu", "--prompt", "x"], "unknown device");
+    fails_with(&["generate", "--precision", "f8", "--prompt", "x"], "unknown precision");
+    fails_with(&["generate", "--device", "cpu", "--prompt", "x", "--model", "/nonexistent/model"], "model not found");
+}
+
+#[test]
+fn init_latents_of_the_wrong_shape_are_refused() {
+    let d = tmp("badlat");
+    let p = d.join("l.safetensors");
+    write_latents(&p, &[1, 4, 4, 4], &[0.0; 64]);
+    fails_with(&["generate", "--device", "cpu", "--prompt", "x", "--steps", "1", "--init-latents", p.to_str().unwrap()],
+               "init latents have shape");
+}
+
+#[test]
+fn missing_component_is_named() {
+    let m = tiny_copy("missing");
+    std::fs::remove_dir_all(m.join("vae")).unwrap();
+    fails_with(&["info", "--device", "cpu", "--model", m.to_str().unwrap()], "`vae`");
+}
+
+#[test]
+fn truncated_weights_are_reported_as_corrupt() {
+    let m = tiny_copy("trunc");
+    let f = m.join("unet/diffusion_pytorch_model.safetensors");
+    let len = std::fs::metadata(&f).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(len / 2).unwrap();
+    fails_with(&["info", "--device", "cpu", "--model", m.to_str().unwrap()], "corrupt or unreadable safetensors");
+    std::fs::write(&f, b"this is not a safetensors file").unwrap();
+    fails_with(&["info", "--device", "cpu", "--model", m.to_str().unwrap()], "corrupt or unreadable safetensors");
+}
+
+#[test]
+fn nan_weights_are_detected() {
+    let m = tiny_copy("nan");
+    rewrite(&m.join("vae/diffusion_pytorch_model.safetensors"), |name, d, s, mut b| {
+        if name == "decoder.conv_in.weight" {
+            b[0..4].copy_from_slice(&f32::NAN.to_le_bytes());
+        }
+        (d, s, b)
+    });
+    fails_with(&["info", "--device", "cpu", "--model", m.to_str().unwrap()], "decoder.conv_in.weight");
+}
+
+#[test]
+fn mismatched_tensors_are_all_listed() {
+    let m = tiny_copy("shape");
+    rewrite(&m.join("unet/diffusion_pytorch_model.safetensors"), |name, d, mut s, b| {
+        if name == "conv_in.bias" {
+            s = vec![2, 16];
+        }
+        (d, s, b)
+    });
+    // Rename one tensor and drop nothing: one unexpected + one missing + one mis-shaped, all in one message.
+    let f = m.join("unet/diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&f).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (if n == "conv_out.bias" { "conv_out.bias_typo".to_string() } else { n }, v))
+        .collect();
+    let out = safetensors::serialize(views, None).unwrap();
+    std::fs::write(&f, out).unwrap();
+    let err = fails_with(&["info", "--device", "cpu", "--model", m.to_str().unwrap()], "weights of unet");
+    assert!(err.contains("missing:    conv_out.bias"), "{err}");
+    assert!(err.contains("unexpected: conv_out.bias_typo"), "{err}");
+    assert!(err.contains("conv_in.bias") && err.contains("[2, 16]") && err.contains("[32]"), "{err}");
+}
+
+#[test]
+fn pickle_checkpoints_are_refused_not_executed() {
+    let d = tmp("pickle");
+    let p = d.join("model.ckpt");
+    std::fs::write(&p, b"\x80\x04\x95 not really a pickle").unwrap();
+    fails_with(&["info", "--device", "cpu", "--model", p.to_str().unwrap()], "never executed");
+    let m = tiny_copy("pickle-folder");
+    std::fs::rename(m.join("unet/diffusion_pytorch_model.safetensors"), m.join("unet/diffusion_pytorch_model.bin"))
+        .unwrap();
+    fails_with(&["info", "--device", "cpu", "--model", m.to_str().unwrap()], "Convert it to safetensors");
+}
+
+#[test]
+fn gpu_request_without_adapter_is_a_clear_error() {
+    // Restrict wgpu to a graphics API this machine cannot have, so no adapter exists.
+    let api = if cfg!(target_os = "macos") { "dx12" } else { "metal" };
+    let o = Command::new(env!("CARGO_BIN_EXE_unsee"))
+        .args(["generate", "--device", "gpu", "--prompt", "x", "--steps", "1"])
+        .env("WGPU_BACKEND", api)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("no wgpu adapter found"), "{}", stderr(&o));
+}
