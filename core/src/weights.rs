@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use burn::store::{FloatCastAdapter, ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore};
+use burn::store::{ApplyError, FloatCastAdapter, ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore};
 use burn::tensor::DType;
 use safetensors::{Dtype, SafeTensors};
 
@@ -149,7 +149,15 @@ pub fn load_module_remapped<M: ModuleSnapshot>(module: &mut M, component: &str, 
 
     let mut lines = Vec::new();
     for err in &result.errors {
-        lines.push(format!("  mis-shaped: {err}"));
+        lines.push(match err {
+            ApplyError::ShapeMismatch { path, expected, found } => {
+                format!("  mis-shaped: {path}: expected {:?}, found {:?}", expected.as_slice(), found.as_slice())
+            }
+            ApplyError::DTypeMismatch { path, expected, found } => {
+                format!("  wrong dtype: {path}: expected {expected:?}, found {found:?}")
+            }
+            other => format!("  unreadable: {other}"),
+        });
     }
     for (path, _) in &result.missing {
         lines.push(format!("  missing:    {path}"));

@@ -1,0 +1,125 @@
+//! Storage formats and layouts: f32/f16/bf16 storage, the `fp16` variant, the HF cache layout, f16 compute.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::DType;
+use common::checks::*;
+use common::*;
+use safetensors::{Dtype, SafeTensors};
+use unsee::device::{DeviceChoice, select};
+use unsee::pipeline::{LoadOptions, StableDiffusion};
+use unsee::scheduler::SchedulerKind;
+use unsee::weights::Precision;
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("unsee-load-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// Rewrites every f32 tensor of a safetensors file as bf16 (round to nearest even).
+fn to_bf16(path: &Path) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let converted: Vec<(String, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            assert_eq!(v.dtype(), Dtype::F32);
+            let b = v
+                .data()
+                .chunks_exact(4)
+                .flat_map(|c| half::bf16::from_f32(f32::from_le_bytes(c.try_into().unwrap())).to_le_bytes())
+                .collect();
+            (n, v.shape().to_vec(), b)
+        })
+        .collect();
+    let views: Vec<_> = converted
+        .iter()
+        .map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(Dtype::BF16, s.clone(), b).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+fn cpu(precision: Precision) -> unsee::device::SelectedDevice {
+    select(DeviceChoice::Cpu, precision).unwrap()
+}
+
+#[test]
+fn bf16_storage_loads_as_f32() {
+    let m = tmp("bf16").join("model");
+    copy_dir(&model_dir("tiny"), &m);
+    to_bf16(&m.join("vae/diffusion_pytorch_model.safetensors"));
+    let sd = StableDiffusion::load(&m, cpu(Precision::F32), &LoadOptions::default()).unwrap();
+    assert_eq!(sd.vae.decoder.conv_in.weight.val().dtype(), DType::F32);
+    let g = Golden::load("tiny");
+    // bf16 keeps 8 mantissa bits: the decode moves by a few 1e-2 at most.
+    let decoded = host(sd.vae.decode(g.tensor("vae.latents", sd.dev())));
+    assert_close("vae decode from bf16 storage", &decoded, g.f32("vae.decoded").1, 5e-2);
+    // ...and it really is the bf16 weights that were loaded (not a stale f32 file): f32 precision is not reached.
+    assert!(compare("bf16 vs f32", &decoded, g.f32("vae.decoded").1, 1e-5).is_err());
+}
+
+#[test]
+fn fp16_variant_files_are_found() {
+    let sd = StableDiffusion::load(&model_dir("small"), cpu(Precision::F32), &LoadOptions::default()).unwrap();
+    for (component, file) in &sd.files {
+        assert!(file.to_string_lossy().ends_with(".fp16.safetensors"), "{component}: {}", file.display());
+    }
+    assert_eq!(sd.unet.conv_in.weight.val().dtype(), DType::F32, "f16 storage is cast to the compute precision");
+}
+
+#[test]
+fn f16_compute_on_cpu_stays_close_to_f32() {
+    let dev = cpu(Precision::F16);
+    let sd = StableDiffusion::load(&model_dir("tiny"), dev, &LoadOptions::default()).unwrap();
+    assert_eq!(sd.unet.conv_in.weight.val().dtype(), DType::F16);
+    let g = Golden::load("tiny");
+    // Half precision: 11 mantissa bits through ~40 layers and 10 steps.
+    check_run(&sd, &g, "ddim", SchedulerKind::Ddim, 5e-2);
+}
+
+#[test]
+fn hf_cache_layout_is_resolved() {
+    let repo = tmp("hf").join("models--unsee--tiny-sd");
+    let snap = repo.join("snapshots").join("0123456789abcdef");
+    copy_dir(&model_dir("tiny"), &snap);
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123456789abcdef\n").unwrap();
+    let sd = StableDiffusion::load(&repo, cpu(Precision::F32), &LoadOptions::default()).unwrap();
+    assert!(sd.files[0].1.starts_with(&snap));
+}
+
+#[test]
+fn prefix_encoding_equals_full_encoding() {
+    // CLIP is causal: the hidden state at position p depends only on tokens ≤ p.
+    let sd = StableDiffusion::load(&model_dir("tiny"), cpu(Precision::F32), &LoadOptions::default()).unwrap();
+    let tokens = sd.tokenizer.encode("a photo of van gogh's starry night").unwrap();
+    let ids: Vec<i64> = tokens.ids.iter().map(|&i| i as i64).collect();
+    let full = host(sd.text_encoder.forward(
+        burn::tensor::Tensor::<1, burn::tensor::Int>::from_data(burn::tensor::TensorData::new(ids.clone(), [77]), sd.dev())
+            .reshape([1, 77]),
+    ));
+    let p = tokens.eos_position + 1;
+    let prefix = host(sd.text_encoder.forward(
+        burn::tensor::Tensor::<1, burn::tensor::Int>::from_data(burn::tensor::TensorData::new(ids[..p].to_vec(), [p]), sd.dev())
+            .reshape([1, p]),
+    ));
+    let d = sd.text_config.hidden_size;
+    assert_close("prefix encoding", &prefix, &full[..p * d], 1e-5);
+}
