@@ -75,6 +75,19 @@ pub struct ClipEncoderLayer {
 }
 
 impl ClipEncoderLayer {
+    /// The layer split where `erasepro-text` edits it: `mid` (after self-attention and its residual) and `act`,
+    /// the input of `mlp.fc2`; the layer's output is `mid + fc2(act)`.
+    pub fn forward_parts(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<3>) {
+        let h = self.layer_norm1.forward(x.clone());
+        let a = &self.self_attn;
+        let h = multi_head_attention(a.q_proj.forward(h.clone()), a.k_proj.forward(h.clone()), a.v_proj.forward(h),
+                                     a.heads, true);
+        let mid = x + a.out_proj.forward(h);
+        let h = self.mlp.fc1.forward(self.layer_norm2.forward(mid.clone()));
+        let act = if self.mlp.quick_gelu { h.clone() * sigmoid(h * 1.702) } else { gelu(h) };
+        (mid, act)
+    }
+
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let h = self.layer_norm1.forward(x.clone());
         let a = &self.self_attn;

@@ -2,6 +2,7 @@
 //! diffusers checkpoint keys, proven equal to diffusers by the tests in `core/tests/`.
 
 pub mod clip;
+pub mod erase;
 pub mod compvis;
 pub mod device;
 pub mod error;

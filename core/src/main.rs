@@ -41,6 +41,9 @@ struct ModelArgs {
     /// Scan every weight for NaN/Inf (always done for small models).
     #[arg(long)]
     check: bool,
+    /// Apply an erasure file at load (repeatable, applied in order).
+    #[arg(long = "erasure")]
+    erasures: Vec<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -93,6 +96,33 @@ enum Command {
         #[command(flatten)]
         model: ModelArgs,
     },
+    /// Erase concepts in closed form and write the edit as an erasure file.
+    Erase {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The edit spec (TOML; see README).
+        #[arg(long)]
+        spec: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Also write a complete diffusers folder with the edited weights.
+        #[arg(long)]
+        bake: Option<PathBuf>,
+        /// Print a JSON summary on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure leakage of erased concepts and drift of preserved prompts on held-out templates.
+    Audit {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The edit spec: the concepts, replacements and preserve set to audit. With --erasure, the audited edit is
+        /// those files (applied in order after the baseline is measured); without, it is computed from the spec.
+        #[arg(long)]
+        spec: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn load(m: &ModelArgs) -> Result<StableDiffusion> {
@@ -100,8 +130,12 @@ fn load(m: &ModelArgs) -> Result<StableDiffusion> {
     tracing::info!("device: {}", device.description);
     let path = m.model.clone().unwrap_or_else(default_model_dir);
     let opts = LoadOptions { check: m.check, config_dir: m.config.clone() };
-    let sd = StableDiffusion::load(&path, device, &opts)?;
+    let mut sd = StableDiffusion::load(&path, device, &opts)?;
     tracing::info!("loaded {} in {:.2}s", path.display(), sd.load_time.as_secs_f64());
+    for e in &m.erasures {
+        let info = unsee::erase::file::apply_file(&mut sd, e)?;
+        tracing::info!("applied {} ({}: {:?} → {:?})", e.display(), info.method, info.concepts, info.replacements);
+    }
     Ok(sd)
 }
 
@@ -238,6 +272,56 @@ fn run(cli: Cli) -> Result<()> {
             }
             write_f32(&out, tensors, ids)?;
             eprintln!("wrote {} prompt(s) to {}", prompts.len(), out.display());
+            Ok(())
+        }
+        Command::Erase { model, spec, out, bake, json } => {
+            let spec = unsee::erase::spec::Spec::from_file(&spec)?;
+            let mut sd = load(&model)?;
+            let edit = unsee::erase::erase(&mut sd, &spec)?;
+            unsee::erase::file::save(&edit, &out)?;
+            if let Some(dir) = &bake {
+                unsee::erase::file::bake(&sd, &edit.deltas, dir)?;
+            }
+            let summary = serde_json::json!({
+                "method": spec.method.name(),
+                "concepts": spec.erase.iter().map(|e| &e.concept).collect::<Vec<_>>(),
+                "replacements": spec.erase.iter().map(|e| &e.replace_with).collect::<Vec<_>>(),
+                "matrices": edit.deltas.len(),
+                "rank": edit.deltas.iter().map(|d| d.r.ncols()).max().unwrap_or(0),
+                "timings_s": edit.timings,
+                "max_residual": edit.residuals.iter().map(|r| r.1).fold(0.0, f64::max),
+                "warnings": edit.warnings,
+                "out": out,
+                "baked": bake,
+                "device": sd.device.description,
+            });
+            if json {
+                println!("{}", serde_json::to_string_pretty(&summary).unwrap());
+            } else {
+                eprintln!("wrote {} ({} matrices, {}) in {:.2}s", out.display(), edit.deltas.len(), spec.method.name(),
+                          edit.timings.encode_s + edit.timings.solve_s + edit.timings.apply_s);
+            }
+            Ok(())
+        }
+        Command::Audit { mut model, spec, json } => {
+            let spec = unsee::erase::spec::Spec::from_file(&spec)?;
+            let audited = std::mem::take(&mut model.erasures);
+            let mut sd = load(&model)?;
+            let report = unsee::erase::audit::audit(&mut sd, &spec, |sd| {
+                if audited.is_empty() {
+                    unsee::erase::erase(sd, &spec).map(|_| ())
+                } else {
+                    for f in &audited {
+                        unsee::erase::file::apply_file(sd, f)?;
+                    }
+                    Ok(())
+                }
+            })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report).unwrap());
+            } else {
+                println!("{}", report.table());
+            }
             Ok(())
         }
         Command::Info { model } => {

@@ -27,6 +27,19 @@ pub struct LoadOptions {
     pub config_dir: Option<PathBuf>,
 }
 
+/// Loads only the UNet of a diffusers folder (benchmarks, tools).
+pub fn load_unet(path: &Path, device: &SelectedDevice) -> Result<(UNet2DConditionModel, UNetConfig)> {
+    let ModelLocation::Folder(dir) = locate(path, None)? else {
+        return Err(Error::InvalidRequest("load_unet needs a diffusers folder".into()));
+    };
+    let cfg: UNetConfig = read_config(&dir, "unet", "config.json")?;
+    let mut unet = UNet2DConditionModel::new(&cfg, &device.device)?;
+    let file = component_weights(&dir, "unet", "diffusion_pytorch_model")?;
+    check_file(&file, "unet", false)?;
+    load_module(&mut unet, "unet", TensorSource::File(file), device.precision)?;
+    Ok((unet, cfg))
+}
+
 /// A loaded model on one device.
 pub struct StableDiffusion {
     pub location: ModelLocation,

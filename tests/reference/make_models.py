@@ -112,9 +112,10 @@ CONFIGS = {
         fp16_variant=False,
     ),
     "small": dict(
-        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        # Width 96 > 77 so that the 77 null-text keys leave room for exact pinning in the erasure tests.
+        text=dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
                   hidden_act="gelu"),
-        unet=dict(block_out_channels=(32, 32, 64, 64), layers_per_block=2, sample_size=8, cross_attention_dim=64,
+        unet=dict(block_out_channels=(32, 32, 64, 64), layers_per_block=2, sample_size=8, cross_attention_dim=96,
                   attention_head_dim=8, norm_num_groups=32,
                   down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                   up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),

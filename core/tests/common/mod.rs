@@ -32,8 +32,11 @@ pub struct Golden {
 
 impl Golden {
     pub fn load(model: &str) -> Self {
-        let p = fixtures().join(model).join("golden.safetensors");
-        let bytes = std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        Self::load_file(&fixtures().join(model).join("golden.safetensors"))
+    }
+
+    pub fn load_file(p: &std::path::Path) -> Self {
+        let bytes = std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
         let st = SafeTensors::deserialize(&bytes).unwrap();
         let mut tensors = HashMap::new();
         for (name, v) in st.tensors() {
