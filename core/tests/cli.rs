@@ -279,3 +279,57 @@ fn gpu_request_without_adapter_is_a_clear_error() {
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("no wgpu adapter found"), "{}", stderr(&o));
 }
+
+#[test]
+fn erase_then_generate_with_the_erasure_and_audit() {
+    let d = tmp("erase");
+    let spec = d.join("spec.toml");
+    std::fs::write(&spec, "method = \"uce\"\npreserve = [\"Monet\"]\n[[erase]]\nconcept = \"Van Gogh\"\nreplace_with = \"art\"\n").unwrap();
+    let file = d.join("vg.safetensors");
+    let baked = d.join("baked");
+    let o = unsee(&["erase", "--device", "cpu", "--spec", spec.to_str().unwrap(), "--out", file.to_str().unwrap(),
+                    "--bake", baked.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(summary["matrices"], 12);
+    // Generating with the erasure file equals generating with the baked folder, and differs from the base model.
+    let generate = |extra: &[&str], out: &str| {
+        let p = d.join(out);
+        let mut args = vec!["generate", "--device", "cpu", "--prompt", "Van Gogh", "--steps", "3", "--out", p.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let o = unsee(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        image::open(p).unwrap().to_rgb8().into_raw()
+    };
+    let with_file = generate(&["--erasure", file.to_str().unwrap()], "f.png");
+    let with_bake = generate(&["--model", baked.to_str().unwrap()], "b.png");
+    let base = generate(&[], "base.png");
+    let max_diff = with_file.iter().zip(&with_bake).map(|(a, b)| (*a as i32 - *b as i32).abs()).max().unwrap();
+    assert!(max_diff <= 1, "erasure file and baked folder differ by {max_diff} levels");
+    assert_ne!(with_file, base, "the erasure changed nothing");
+    // Applying it to another model is refused.
+    fails_with(&["generate", "--device", "cpu", "--prompt", "x", "--steps", "1", "--model",
+                 model_dir("small").to_str().unwrap(), "--erasure", file.to_str().unwrap()], "erasure mismatch");
+    // Audit of the file.
+    let o = unsee(&["audit", "--device", "cpu", "--spec", spec.to_str().unwrap(), "--erasure", file.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["concepts"][0]["concept"], "Van Gogh");
+    assert!(report["overall_key_leakage"]["mean"].as_f64().unwrap().is_finite());
+    assert!(report["preserved"][0]["key_drift"]["mean"].as_f64().unwrap() >= 0.0);
+    // A bad spec names its line.
+    std::fs::write(&spec, "method = \"uce\"\n[[erase]]\nconcept = \"\"\n").unwrap();
+    fails_with(&["erase", "--device", "cpu", "--spec", spec.to_str().unwrap(), "--out", file.to_str().unwrap()],
+               "spec.toml:3: empty concept");
+}
+
+#[test]
+fn ready_made_specs_parse_and_run() {
+    for spec in ["art-styles", "objects", "explicit"] {
+        let p = repo().join("models/specs").join(format!("{spec}.toml"));
+        let o = unsee(&["audit", "--device", "cpu", "--spec", p.to_str().unwrap(), "--json"]);
+        assert!(o.status.success(), "{spec}: {}", stderr(&o));
+        let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert!(!report["concepts"].as_array().unwrap().is_empty());
+    }
+}

@@ -783,10 +783,20 @@ fn erasepro_text(sd: &mut StableDiffusion, spec: &Spec, te_hash: String) -> Resu
             // Pinned exactly: the null prompt (all positions), so the unconditional branch keeps its encoding.
             // (Pinning the replacement prompts too conflicts with the constraints themselves: a concept prompt's
             // padding positions must move while the replacement's nearly identical ones must not.)
+            // Also pinned: the concept prompts' own positions before the concept (their template prefix), which
+            // must keep their encoding for the whole context to equal the replacement's.
             let (_, act_null) = layer_inputs(sd, &null.ids);
-            let u_null = fit_pin(linalg::orth_basis(&act_null, 1e-7, "null-text activations")?, a.nrows(), a.ncols(),
-                                 &format!("layer {l} null-text activations"), &mut warnings);
-            hcat(&a, &u_null)
+            let mut pinned = act_null;
+            for (c, _, map) in &pairs {
+                let prefix = map.first().map(|m| m.0).unwrap_or(0);
+                if prefix > 1 {
+                    let (_, act_c) = layer_inputs(sd, &c.ids[..prefix]);
+                    pinned = hcat(&pinned, &act_c);
+                }
+            }
+            let u = fit_pin(linalg::orth_basis(&pinned, 1e-7, "null-text activations")?, a.nrows(), a.ncols(),
+                            &format!("layer {l} null-text and prefix activations"), &mut warnings);
+            hcat(&a, &u)
         } else {
             a.clone()
         };
