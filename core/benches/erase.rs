@@ -1,0 +1,110 @@
+//! Erasure benchmark: erase 1, 10 and 100 concepts with a 1,000-prompt preserve set, split into encode / solve /
+//! apply, with the preservation Gram cold (first edit) and cached (next edit), and the PyTorch transcription of UCE
+//! measured in the same run.
+//!
+//! ```text
+//! cargo bench --bench erase                                   # tiny model, CPU (+ wgpu if UNSEE_BENCH_WGPU=1)
+//! UNSEE_BENCH_SD15=/path/to/sd15-random UNSEE_BENCH_PYTHON=.venv/bin/python cargo bench --bench erase
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use unsee::device::{DeviceChoice, select};
+use unsee::erase::{erase, spec::Spec};
+use unsee::pipeline::{LoadOptions, StableDiffusion};
+use unsee::weights::Precision;
+
+const OBJECTS: [&str; 20] = ["cat", "dog", "house", "tree", "car", "boat", "bird", "flower", "chair", "lamp", "river",
+                             "mountain", "bridge", "horse", "clock", "train", "apple", "guitar", "castle", "robot"];
+
+fn preserve_prompts(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("a photo of a {} number {i}", OBJECTS[i % OBJECTS.len()])).collect()
+}
+
+fn concepts(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("painter {i} style")).collect()
+}
+
+fn spec_text(method: &str, n: usize, preserve_file: &Path) -> String {
+    let mut s = format!("method = \"{method}\"\npreserve_file = \"{}\"\n", preserve_file.display());
+    if method == "speed" {
+        s.push_str("filter = true\naugment = 0\n");
+    }
+    for c in concepts(n) {
+        s.push_str(&format!("[[erase]]\nconcept = \"{c}\"\nreplace_with = \"art\"\n"));
+    }
+    s
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let tmp = std::env::temp_dir().join(format!("unsee-erase-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let preserve_file = tmp.join("preserve.txt");
+    std::fs::write(&preserve_file, preserve_prompts(1000).join("\n")).unwrap();
+    let python = std::env::var("UNSEE_BENCH_PYTHON").ok();
+
+    let mut models = vec![("tiny", repo.join("models/tiny-sd"))];
+    if let Ok(p) = std::env::var("UNSEE_BENCH_SD15") {
+        models.push(("sd15 (random)", PathBuf::from(p)));
+    }
+    let mut devices = vec![DeviceChoice::Cpu];
+    if std::env::var_os("UNSEE_BENCH_WGPU").is_some() {
+        devices.push(DeviceChoice::Gpu);
+    }
+    println!("Erasure with a 1,000-prompt preserve set (seconds). cold = preservation Gram computed, warm = cached.\n");
+    println!("| model | device | method | concepts | encode cold | encode warm | solve | apply | total warm | PyTorch UCE | PyTorch / unsee (warm) |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for (name, dir) in &models {
+        for &device in &devices {
+            if device == DeviceChoice::Gpu && name.starts_with("sd15") {
+                continue; // software Vulkan is far too slow for the full-size model
+            }
+            for method in ["uce", "speed"] {
+                for n in [1usize, 10, 100] {
+                    let spec_path = tmp.join("spec.toml");
+                    std::fs::write(&spec_path, spec_text(method, n, &preserve_file)).unwrap();
+                    let spec = Spec::from_file(&spec_path).unwrap();
+                    let cache = tmp.join(format!("cache-{method}-{n}-{device:?}"));
+                    // SAFETY: single-threaded here; the engine reads it when it looks for the Gram cache.
+                    unsafe { std::env::set_var("UNSEE_CACHE_DIR", &cache) };
+                    let dev = select(device, Precision::F32).unwrap();
+                    let mut sd = StableDiffusion::load(dir, dev.clone(), &LoadOptions::default()).unwrap();
+                    let cold = erase(&mut sd, &spec).unwrap();
+                    let mut sd = StableDiffusion::load(dir, dev, &LoadOptions::default()).unwrap();
+                    let t = Instant::now();
+                    let warm = erase(&mut sd, &spec).unwrap();
+                    let total = t.elapsed().as_secs_f64();
+                    let torch = (method == "uce" && device == DeviceChoice::Cpu)
+                        .then_some(())
+                        .and(python.as_ref())
+                        .and_then(|py| {
+                            let o = Command::new(py)
+                                .args([repo.join("tests/reference/bench_uce_torch.py").to_str().unwrap(),
+                                       dir.to_str().unwrap(), &n.to_string(), preserve_file.to_str().unwrap()])
+                                .output()
+                                .ok()?;
+                            let v: serde_json::Value = String::from_utf8_lossy(&o.stdout)
+                                .lines()
+                                .rev()
+                                .find_map(|l| serde_json::from_str(l).ok())?;
+                            v["total_s"].as_f64()
+                        });
+                    let (t_s, ratio) = match torch {
+                        Some(ts) => (format!("{ts:.2}"), format!("{:.1}", ts / total)),
+                        None => ("–".into(), "–".into()),
+                    };
+                    println!("| {name} | {} | {method} | {n} | {:.2} | {:.2} | {:.3} | {:.3} | {total:.2} | {t_s} | {ratio} |",
+                             if device == DeviceChoice::Cpu { "cpu" } else { "wgpu" },
+                             cold.timings.encode_s, warm.timings.encode_s, warm.timings.solve_s, warm.timings.apply_s);
+                }
+            }
+        }
+    }
+    std::fs::remove_dir_all(&tmp).ok();
+}
