@@ -54,3 +54,23 @@ fn tiny_model_matches_diffusers_on_wgpu() {
         cpu::check_run(&sd, &g, name, kind, 1e-3);
     }
 }
+
+#[test]
+fn tiny_model_in_f16_on_wgpu_stays_close_to_diffusers() {
+    if !gpu_available() {
+        return;
+    }
+    let dev = unsee::device::select(DeviceChoice::Gpu, unsee::weights::Precision::F16);
+    let dev = match dev {
+        Ok(d) => d,
+        Err(e) => {
+            // A device without shader-f16 must refuse f16 clearly; that refusal is the behaviour under test then.
+            assert!(e.to_string().contains("cannot compute in f16"), "{e}");
+            return;
+        }
+    };
+    let sd = unsee::pipeline::StableDiffusion::load(&model_dir("tiny"), dev, &Default::default()).unwrap();
+    let g = Golden::load("tiny");
+    // Half precision through ~40 layers and 10 steps: the same bound as f16 on the CPU.
+    cpu::check_run(&sd, &g, "ddim", SchedulerKind::Ddim, 5e-2);
+}
