@@ -333,3 +333,29 @@ fn ready_made_specs_parse_and_run() {
         assert!(!report["concepts"].as_array().unwrap().is_empty());
     }
 }
+
+#[test]
+fn every_method_runs_from_the_cli_on_both_reference_models() {
+    let d = tmp("methods");
+    for model in ["tiny", "small"] {
+        for method in ["uce", "time", "speed", "rece", "erasepro", "erasepro-text"] {
+            let spec = d.join(format!("{method}.toml"));
+            let preserve = if method == "time" { "" } else { "preserve = [\"Monet\"]\n" };
+            std::fs::write(&spec, format!("method = \"{method}\"\n{preserve}[[erase]]\nconcept = \"Van Gogh\"\nreplace_with = \"art\"\n")).unwrap();
+            let out = d.join(format!("{model}-{method}.safetensors"));
+            let m = model_dir(model);
+            let o = unsee(&["erase", "--device", "cpu", "--model", m.to_str().unwrap(), "--spec", spec.to_str().unwrap(),
+                            "--out", out.to_str().unwrap()]);
+            assert!(o.status.success(), "{model}/{method}: {}", stderr(&o));
+            let o = unsee(&["audit", "--device", "cpu", "--model", m.to_str().unwrap(), "--spec", spec.to_str().unwrap(),
+                            "--erasure", out.to_str().unwrap(), "--json"]);
+            assert!(o.status.success(), "{model}/{method} audit: {}", stderr(&o));
+            let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            let leak = r["overall_key_leakage"]["mean"].as_f64().unwrap();
+            assert!(leak.is_finite(), "{model}/{method}: leakage {leak}");
+            if method != "time" {
+                assert!(r["overall_key_drift"]["mean"].as_f64().unwrap().is_finite());
+            }
+        }
+    }
+}
