@@ -49,13 +49,19 @@ fn main() {
     std::fs::write(&preserve_file, preserve_prompts(1000).join("\n")).unwrap();
     let python = std::env::var("UNSEE_BENCH_PYTHON").ok();
 
+    // Optional filters: UNSEE_BENCH_MODELS=tiny,sd15  UNSEE_BENCH_METHODS=uce,speed  UNSEE_BENCH_WGPU=1 (add
+    // lavapipe/GPU rows) or UNSEE_BENCH_WGPU=only.
+    let want = |var: &str, item: &str| std::env::var(var).map(|v| v.split(',').any(|x| item.starts_with(x))).unwrap_or(true);
     let mut models = vec![("tiny", repo.join("models/tiny-sd"))];
     if let Ok(p) = std::env::var("UNSEE_BENCH_SD15") {
         models.push(("sd15 (random)", PathBuf::from(p)));
     }
+    models.retain(|(n, _)| want("UNSEE_BENCH_MODELS", n));
     let mut devices = vec![DeviceChoice::Cpu];
-    if std::env::var_os("UNSEE_BENCH_WGPU").is_some() {
-        devices.push(DeviceChoice::Gpu);
+    match std::env::var("UNSEE_BENCH_WGPU").as_deref() {
+        Ok("only") => devices = vec![DeviceChoice::Gpu],
+        Ok(_) => devices.push(DeviceChoice::Gpu),
+        Err(_) => {}
     }
     println!("Erasure with a 1,000-prompt preserve set (seconds). cold = preservation Gram computed, warm = cached.\n");
     println!("| model | device | method | concepts | encode cold | encode warm | solve | apply | total cold | total warm | PyTorch UCE | PyTorch / unsee (cold) |");
@@ -65,7 +71,7 @@ fn main() {
             if device == DeviceChoice::Gpu && name.starts_with("sd15") {
                 continue; // software Vulkan is far too slow for the full-size model
             }
-            for method in ["uce", "speed"] {
+            for method in ["uce", "speed"].into_iter().filter(|m| want("UNSEE_BENCH_METHODS", m)) {
                 for n in [1usize, 10, 100] {
                     let spec_path = tmp.join("spec.toml");
                     std::fs::write(&spec_path, spec_text(method, n, &preserve_file)).unwrap();

@@ -415,7 +415,9 @@ pub fn preservation_gram(keys: &mut Keys, spec: &Spec, te_hash: &str, d: usize) 
             bytes.extend_from_slice(&g[(i, j)].to_le_bytes());
         }
     }
-    if std::fs::write(&path, bytes).is_err() {
+    // Write then rename, so a concurrent reader never sees a partial file.
+    let partial = dir.join(format!("gram-{key}.{}.partial", std::process::id()));
+    if std::fs::write(&partial, bytes).and_then(|_| std::fs::rename(&partial, &path)).is_err() {
         tracing::warn!("could not cache the preservation Gram in {}", dir.display());
     }
     Ok((g, count))
