@@ -416,7 +416,9 @@ pub fn preservation_gram(keys: &mut Keys, spec: &Spec, te_hash: &str, d: usize) 
         }
     }
     // Write then rename, so a concurrent reader never sees a partial file.
-    let partial = dir.join(format!("gram-{key}.{}.partial", std::process::id()));
+    static WRITES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let partial = dir.join(format!("gram-{key}.{}-{n}.partial", std::process::id()));
     if std::fs::write(&partial, bytes).and_then(|_| std::fs::rename(&partial, &path)).is_err() {
         tracing::warn!("could not cache the preservation Gram in {}", dir.display());
     }
