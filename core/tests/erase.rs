@@ -23,10 +23,7 @@ fn spec(text: &str) -> Spec {
 }
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("unsee-erase-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    tmp_dir("erase", name)
 }
 
 fn weights(sd: &mut StableDiffusion, names: &[String]) -> Vec<M> {
