@@ -245,14 +245,12 @@ pub fn apply_delta(sd: &mut StableDiffusion, delta: &Delta) -> Result<()> {
             delta.name, delta.r.nrows(), delta.x.nrows()
         )));
     }
-    let rank = delta.r.ncols();
     let dtype = w.dtype();
     let to_tensor = |m: &M| {
         Tensor::<2>::from_data(TensorData::new(linalg::to_f32(m), [m.nrows(), m.ncols()]), &device).cast(dtype)
     };
     // Stored layout is d_in × d_out, so the update is X·Rᵀ.
     let update = to_tensor(&delta.x).matmul(to_tensor(&delta.r).transpose());
-    let _ = rank;
     lin.weight = Param::from_tensor(w + update);
     Ok(())
 }

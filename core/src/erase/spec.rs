@@ -210,9 +210,6 @@ impl Spec {
         };
 
         let lambda = check_range(&src, &raw.lambda, "lambda", 0.0, 1e6, true)?.unwrap_or(lambda);
-        if method == Method::Uce && lambda == 0.0 && raw.preserve.is_none() && raw.preserve_file.is_none() {
-            // Not an error in itself; the solve reports a singular system if it is.
-        }
         let erase_scale = check_range(&src, &raw.erase_scale, "erase_scale", 0.0, 1e6, false)?.unwrap_or(1.0);
         let preserve_scale = check_range(&src, &raw.preserve_scale, "preserve_scale", 0.0, 1e6, true)?
             .unwrap_or(if method == Method::Rece { 0.1 } else { 1.0 });
