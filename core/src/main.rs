@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
+use burn::module::Module;
 use burn::tensor::{Tensor, TensorData};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -327,9 +328,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Info { model } => {
             let sd = load(&model)?;
             let params = [
-                ("text_encoder", sd.text_encoder.num_params_total()),
-                ("unet", sd.unet.num_params_total()),
-                ("vae", sd.vae.num_params_total()),
+                ("text_encoder", sd.text_encoder.num_params()),
+                ("unet", sd.unet.num_params()),
+                ("vae", sd.vae.num_params()),
             ];
             let mut files = serde_json::Map::new();
             for (c, f) in &sd.files {
@@ -357,15 +358,6 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&info).unwrap());
             Ok(())
         }
-    }
-}
-
-trait NumParams {
-    fn num_params_total(&self) -> usize;
-}
-impl<M: burn::module::Module> NumParams for M {
-    fn num_params_total(&self) -> usize {
-        self.num_params()
     }
 }
 

@@ -187,8 +187,3 @@ pub fn check_file(path: &Path, component: &str, check_values: bool) -> Result<Ma
     }
     Ok(mapped)
 }
-
-/// Parameter count of a module.
-pub fn num_params<M: burn::module::Module>(m: &M) -> usize {
-    m.num_params()
-}
