@@ -6,6 +6,8 @@
 //! cargo bench --bench erase                                   # tiny model, CPU (+ wgpu if UNSEE_BENCH_WGPU=1)
 //! UNSEE_BENCH_SD15=/path/to/sd15-random UNSEE_BENCH_PYTHON=.venv/bin/python cargo bench --bench erase
 //! ```
+//!
+//! Full-size rows on wgpu need `UNSEE_BENCH_WGPU_SD15=1` as well (slow on a software Vulkan device).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -68,8 +70,8 @@ fn main() {
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (name, dir) in &models {
         for &device in &devices {
-            if device == DeviceChoice::Gpu && name.starts_with("sd15") {
-                continue; // software Vulkan is far too slow for the full-size model
+            if device == DeviceChoice::Gpu && name.starts_with("sd15") && std::env::var_os("UNSEE_BENCH_WGPU_SD15").is_none() {
+                continue; // opt-in: software Vulkan (lavapipe) takes many minutes per full-size run
             }
             for method in ["uce", "speed"].into_iter().filter(|m| want("UNSEE_BENCH_METHODS", m)) {
                 for n in [1usize, 10, 100] {

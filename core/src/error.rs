@@ -28,6 +28,10 @@ pub enum Error {
     #[error("non-finite values (NaN or Inf) in {count} tensor(s) of {component}: {names}")]
     NonFiniteWeights { component: String, count: usize, names: String },
 
+    /// An erasure file computed for other base weights or another text encoder.
+    #[error("{}: erasure mismatch: {message}", file.display())]
+    ErasureMismatch { file: PathBuf, message: String },
+
     #[error("device unavailable: {0}")]
     DeviceUnavailable(String),
 

@@ -5,6 +5,7 @@ pub mod clip;
 pub mod erase;
 pub mod compvis;
 pub mod device;
+pub mod engine;
 pub mod error;
 pub mod model;
 pub mod nn;

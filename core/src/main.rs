@@ -42,6 +42,10 @@ struct ModelArgs {
     /// Scan every weight for NaN/Inf (always done for small models).
     #[arg(long)]
     check: bool,
+    /// Replace the model's text encoder with this one (a `text_encoder` folder, e.g. written by `erasepro-text`
+    /// with --bake, or a model folder that has one).
+    #[arg(long)]
+    text_encoder: Option<PathBuf>,
     /// Apply an erasure file at load (repeatable, applied in order).
     #[arg(long = "erasure")]
     erasures: Vec<PathBuf>,
@@ -130,7 +134,7 @@ fn load(m: &ModelArgs) -> Result<StableDiffusion> {
     let device = select(m.device, m.precision)?;
     tracing::info!("device: {}", device.description);
     let path = m.model.clone().unwrap_or_else(default_model_dir);
-    let opts = LoadOptions { check: m.check, config_dir: m.config.clone() };
+    let opts = LoadOptions { check: m.check, config_dir: m.config.clone(), text_encoder: m.text_encoder.clone() };
     let mut sd = StableDiffusion::load(&path, device, &opts)?;
     tracing::info!("loaded {} in {:.2}s", path.display(), sd.load_time.as_secs_f64());
     for e in &m.erasures {

@@ -25,6 +25,23 @@ pub struct LoadOptions {
     pub check: bool,
     /// Configs and tokenizer for a single-file checkpoint (default: SD-1.5's).
     pub config_dir: Option<PathBuf>,
+    /// A separately shipped text encoder that replaces the model's (an erased or robust one, e.g. written by
+    /// `erasepro-text`): a `text_encoder` folder (`config.json` + `model.safetensors`) or a diffusers folder that
+    /// has one. Its width must match the UNet's cross-attention width.
+    pub text_encoder: Option<PathBuf>,
+}
+
+/// Reads and loads the CLIP text encoder in `root/component` (transformers ≥ 5 writes CLIPTextModel without the
+/// `text_model.` prefix that released SD folders have; both are accepted).
+fn load_text_encoder(root: &Path, component: &str, device: &SelectedDevice, check: bool)
+    -> Result<(CLIPTextModel, ClipTextConfig, PathBuf)> {
+    let config: ClipTextConfig = read_config(root, component, "config.json")?;
+    let mut model = CLIPTextModel::new(&config, &device.device)?;
+    let file = component_weights(root, component, "model")?;
+    check_file(&file, component, check)?;
+    load_module_remapped(&mut model, component, TensorSource::File(file.clone()), device.precision,
+                         &[(r"^(embeddings|encoder|final_layer_norm)\.", "text_model.$1.")])?;
+    Ok((model, config, file))
 }
 
 /// Loads only the UNet of a diffusers folder (benchmarks, tools).
@@ -40,7 +57,8 @@ pub fn load_unet(path: &Path, device: &SelectedDevice) -> Result<(UNet2DConditio
     Ok((unet, cfg))
 }
 
-/// A loaded model on one device.
+/// A loaded model on one device. Cloning is cheap: tensors are shared until one side is edited.
+#[derive(Clone)]
 pub struct StableDiffusion {
     pub location: ModelLocation,
     pub device: SelectedDevice,
@@ -125,7 +143,7 @@ impl StableDiffusion {
             ModelLocation::Folder(d) => d.clone(),
             ModelLocation::SingleFile { config_dir, .. } => config_dir.clone(),
         };
-        let text_config: ClipTextConfig = read_config(&root, "text_encoder", "config.json")?;
+        let mut text_config: ClipTextConfig = read_config(&root, "text_encoder", "config.json")?;
         let unet_config: UNetConfig = read_config(&root, "unet", "config.json")?;
         let vae_config: VaeConfig = read_config(&root, "vae", "config.json")?;
         let scheduler_config: SchedulerConfig = read_config(&root, "scheduler", "scheduler_config.json")?;
@@ -145,23 +163,20 @@ impl StableDiffusion {
 
         let dev = &device.device;
         let precision = device.precision;
-        let mut text_encoder = CLIPTextModel::new(&text_config, dev)?;
+        let mut text_encoder;
         let mut unet = UNet2DConditionModel::new(&unet_config, dev)?;
         let mut vae = AutoencoderKL::new(&vae_config, dev)?;
         let mut files = vec![];
         match &location {
             ModelLocation::Folder(dir) => {
-                for (component, stem) in
-                    [("text_encoder", "model"), ("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model")]
-                {
-                    let file = component_weights(dir, component, stem)?;
+                let file;
+                (text_encoder, text_config, file) = load_text_encoder(dir, "text_encoder", &device, opts.check)?;
+                files.push(("text_encoder".to_string(), file));
+                for component in ["unet", "vae"] {
+                    let file = component_weights(dir, component, "diffusion_pytorch_model")?;
                     check_file(&file, component, opts.check)?;
                     let src = TensorSource::File(file.clone());
                     match component {
-                        // transformers ≥ 5 writes CLIPTextModel without the `text_model.` prefix that released
-                        // SD folders have; accept both.
-                        "text_encoder" => load_module_remapped(&mut text_encoder, component, src, precision,
-                                                               &[(r"^(embeddings|encoder|final_layer_norm)\.", "text_model.$1.")])?,
                         "unet" => load_module(&mut unet, component, src, precision)?,
                         _ => load_module(&mut vae, component, src, precision)?,
                     }
@@ -169,6 +184,7 @@ impl StableDiffusion {
                 }
             }
             ModelLocation::SingleFile { file, .. } => {
+                text_encoder = CLIPTextModel::new(&text_config, dev)?;
                 let mapped = check_file(file, "checkpoint", opts.check)?;
                 let parts = crate::compvis::split_checkpoint(&mapped, &unet_config, &vae_config)?;
                 load_module(&mut text_encoder, "text_encoder",
@@ -179,6 +195,34 @@ impl StableDiffusion {
                             precision)?;
                 files.push(("checkpoint".into(), file.clone()));
             }
+        }
+        if let Some(te) = &opts.text_encoder {
+            if !te.exists() {
+                return Err(Error::ModelNotFound(te.clone()));
+            }
+            // A `text_encoder` folder itself, or a model folder that has one.
+            let (te_root, component) = if te.join("config.json").is_file() {
+                let name = te.file_name().and_then(|n| n.to_str()).unwrap_or("text_encoder").to_string();
+                (te.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(".")), name)
+            } else {
+                (te.clone(), "text_encoder".to_string())
+            };
+            let (model, config, file) = load_text_encoder(&te_root, &component, &device, opts.check)?;
+            if config.hidden_size != unet_config.cross_attention_dim {
+                return Err(Error::invalid_model(te, format!(
+                    "this text encoder's width is {} but the UNet's cross-attention expects {}",
+                    config.hidden_size, unet_config.cross_attention_dim
+                )));
+            }
+            if tokenizer.vocab_size() > config.vocab_size {
+                return Err(Error::invalid_model(te, format!(
+                    "tokenizer has {} tokens but this text encoder's vocab_size is {}",
+                    tokenizer.vocab_size(), config.vocab_size
+                )));
+            }
+            (text_encoder, text_config) = (model, config);
+            files.retain(|(c, _)| c != "text_encoder");
+            files.push(("text_encoder".into(), file));
         }
         Ok(Self {
             location,
@@ -241,9 +285,49 @@ impl StableDiffusion {
         &self,
         req: &GenerateRequest,
         init_latents: Option<Tensor<4>>,
-        mut noise_source: Option<&mut dyn FnMut(usize) -> Tensor<4>>,
+        noise_source: Option<&mut dyn FnMut(usize) -> Tensor<4>>,
         on_step: &mut dyn FnMut(StepEvent) -> Control,
     ) -> Result<Generated> {
+        let (x, mut timings) = self.denoise(req, init_latents, noise_source, on_step)?;
+        let t = Instant::now();
+        let (rgba, height, width) = self.decode_rgba(x.clone())?;
+        timings.decode_s = t.elapsed().as_secs_f64();
+        Ok(Generated { width, height, rgba, latents: x, timings })
+    }
+
+    /// The pixel size a request produces, validated (`(width, height)`).
+    pub fn image_size(&self, req: &GenerateRequest) -> Result<(usize, usize)> {
+        let (lh, lw) = self.latent_size(req)?;
+        let f = self.vae_config.scale_factor();
+        Ok((lw * f, lh * f))
+    }
+
+    /// Like [`generate`](Self::generate) with seeded noise, but writes the RGBA8 pixels straight into `out`, which
+    /// must hold exactly width × height × 4 bytes (see [`image_size`](Self::image_size)): the zero-copy path for a
+    /// caller-owned buffer (an Android `Bitmap`, a direct `ByteBuffer`). `out` is checked before any work is done.
+    pub fn generate_into(&self, req: &GenerateRequest, on_step: &mut dyn FnMut(StepEvent) -> Control, out: &mut [u8])
+        -> Result<Timings> {
+        let (w, h) = self.image_size(req)?;
+        if out.len() != w * h * 4 {
+            return Err(Error::InvalidRequest(format!(
+                "the output buffer has {} bytes; a {w}×{h} RGBA8 image needs {}", out.len(), w * h * 4
+            )));
+        }
+        let (x, mut timings) = self.denoise(req, None, None, on_step)?;
+        let t = Instant::now();
+        self.decode_rgba_into(x, out)?;
+        timings.decode_s = t.elapsed().as_secs_f64();
+        Ok(timings)
+    }
+
+    /// The denoising loop: returns the final latents (decode with [`decode_rgba`](Self::decode_rgba)).
+    pub fn denoise(
+        &self,
+        req: &GenerateRequest,
+        init_latents: Option<Tensor<4>>,
+        mut noise_source: Option<&mut dyn FnMut(usize) -> Tensor<4>>,
+        on_step: &mut dyn FnMut(StepEvent) -> Control,
+    ) -> Result<(Tensor<4>, Timings)> {
         if !req.guidance.is_finite() || req.guidance < 0.0 {
             return Err(Error::InvalidRequest(format!("guidance must be a finite number ≥ 0 (got {})", req.guidance)));
         }
@@ -311,28 +395,37 @@ impl StableDiffusion {
             }
         }
 
-        let t = Instant::now();
-        let (rgba, height, width) = self.decode_rgba(x.clone())?;
-        timings.decode_s = t.elapsed().as_secs_f64();
-        Ok(Generated { width, height, rgba, latents: x, timings })
+        Ok((x, timings))
     }
 
     /// VAE decode of denoised latents to RGBA8 (diffusers' `(x / 2 + 0.5).clamp(0, 1)`, rounded).
     pub fn decode_rgba(&self, latents: Tensor<4>) -> Result<(Vec<u8>, usize, usize)> {
+        let [_, _, lh, lw] = latents.dims();
+        let f = self.vae_config.scale_factor();
+        let mut rgba = vec![0u8; lh * f * lw * f * 4];
+        let (h, w) = self.decode_rgba_into(latents, &mut rgba)?;
+        Ok((rgba, h, w))
+    }
+
+    /// [`decode_rgba`](Self::decode_rgba) into a caller-provided buffer of exactly h × w × 4 bytes; returns `(h, w)`.
+    pub fn decode_rgba_into(&self, latents: Tensor<4>, out: &mut [u8]) -> Result<(usize, usize)> {
         let shift = self.vae_config.shift_factor.unwrap_or(0.0) as f32;
         let z = latents / self.vae_config.scaling_factor as f32 + shift;
         let img = self.vae.decode(z);
         let [_, _, h, w] = img.dims();
+        if out.len() != h * w * 4 {
+            return Err(Error::Internal(format!("decoded {w}×{h} pixels into a buffer of {} bytes", out.len())));
+        }
         let img = (img / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0;
         let data = img.cast(burn::tensor::DType::F32).into_data();
         let v: Vec<f32> = data.try_to_vec::<f32>().map_err(|e| Error::Internal(format!("reading image: {e:?}")))?;
-        let mut rgba = vec![255u8; h * w * 4];
-        for c in 0..3 {
-            for p in 0..h * w {
-                rgba[p * 4 + c] = v[c * h * w + p].round() as u8;
+        for (p, px) in out.chunks_exact_mut(4).enumerate() {
+            for c in 0..3 {
+                px[c] = v[c * h * w + p].round() as u8;
             }
+            px[3] = 255;
         }
-        Ok((rgba, h, w))
+        Ok((h, w))
     }
 }
 

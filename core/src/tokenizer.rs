@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 
 pub const MAX_LENGTH: usize = 77;
 
+#[derive(Clone)]
 pub struct ClipTokenizer {
     inner: Tokenizer,
     pub bos: u32,

@@ -55,7 +55,7 @@ fn single_file_checkpoint_matches_the_folder() {
     let ckpt = dir.join("small-pruned.safetensors");
     build_checkpoint(&ckpt, &[]);
     let dev = select(DeviceChoice::Cpu, Precision::F32).unwrap();
-    let opts = LoadOptions { check: true, config_dir: Some(model_dir("small")) };
+    let opts = LoadOptions { check: true, config_dir: Some(model_dir("small")), ..Default::default() };
     let sd = StableDiffusion::load(&ckpt, dev, &opts).expect("single-file load");
     let g = Golden::load("small");
     check_text_encoder(&sd, &g, 1e-4);
@@ -72,7 +72,7 @@ fn single_file_with_unknown_weights_is_refused() {
     let ckpt = dir.join("odd.safetensors");
     build_checkpoint(&ckpt, &[("model.diffusion_model.extra_block.0.weight", vec![4])]);
     let dev = select(DeviceChoice::Cpu, Precision::F32).unwrap();
-    let opts = LoadOptions { check: false, config_dir: Some(model_dir("small")) };
+    let opts = LoadOptions { check: false, config_dir: Some(model_dir("small")), ..Default::default() };
     let err = StableDiffusion::load(&ckpt, dev, &opts).err().expect("must fail").to_string();
     assert!(err.contains("unexpected: model.diffusion_model.extra_block.0.weight"), "{err}");
     std::fs::remove_dir_all(&dir).ok();

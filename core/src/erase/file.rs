@@ -121,30 +121,37 @@ pub fn load(path: &Path) -> Result<(ErasureInfo, Vec<Delta>)> {
 /// encoder. Files are applied in order: each must have been computed on the model as the previous ones left it.
 pub fn apply_file(sd: &mut StableDiffusion, path: &Path) -> Result<ErasureInfo> {
     let (info, deltas) = load(path)?;
+    apply_checked(sd, path, &info, &deltas)?;
+    Ok(info)
+}
+
+/// Applies deltas read from the erasure file `path` (see [`load`]) after the same checks as [`apply_file`].
+pub fn apply_checked(sd: &mut StableDiffusion, path: &Path, info: &ErasureInfo, deltas: &[Delta]) -> Result<()> {
     let te = text_encoder_hash(sd);
     if te != info.text_encoder_hash {
-        return Err(Error::InvalidRequest(format!(
-            "{}: erasure mismatch: it was computed with another text encoder (its keys would not match this one's)",
-            path.display()
-        )));
+        return Err(Error::ErasureMismatch {
+            file: path.to_path_buf(),
+            message: "it was computed with another text encoder (its keys would not match this one's)".into(),
+        });
     }
-    for d in &deltas {
+    for d in deltas {
         let key = format!("{}.{}", d.component.prefix(), d.name);
-        let lin = linear_mut(sd, d.component, &d.name).ok_or_else(|| {
-            Error::InvalidRequest(format!("{}: erasure mismatch: the model has no matrix {key}", path.display()))
+        let lin = linear_mut(sd, d.component, &d.name).ok_or_else(|| Error::ErasureMismatch {
+            file: path.to_path_buf(),
+            message: format!("the model has no matrix {key}"),
         })?;
         if hash_matrix(&read_weight(lin)) != info.base_hashes[&key] {
-            return Err(Error::InvalidRequest(format!(
-                "{}: erasure mismatch: {key} differs from the weights the erasure was computed for (another base \
-                 model, or erasures applied in another order)",
-                path.display()
-            )));
+            return Err(Error::ErasureMismatch {
+                file: path.to_path_buf(),
+                message: format!("{key} differs from the weights the erasure was computed for (another base model, \
+                                  or erasures applied in another order)"),
+            });
         }
     }
-    for d in &deltas {
+    for d in deltas {
         apply_delta(sd, d)?;
     }
-    Ok(info)
+    Ok(())
 }
 
 /// Writes a complete diffusers folder with the edited weights: every file of the base folder is copied, and the
