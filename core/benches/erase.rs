@@ -51,7 +51,7 @@ fn main() {
     std::fs::write(&preserve_file, preserve_prompts(1000).join("\n")).unwrap();
     let python = std::env::var("UNSEE_BENCH_PYTHON").ok();
 
-    // Optional filters: UNSEE_BENCH_MODELS=tiny,sd15  UNSEE_BENCH_METHODS=uce,speed  UNSEE_BENCH_WGPU=1 (add
+    // Optional filters: UNSEE_BENCH_MODELS=tiny,sd15  UNSEE_BENCH_METHODS=uce,speed  UNSEE_BENCH_COUNTS=1,10  UNSEE_BENCH_WGPU=1 (add
     // lavapipe/GPU rows) or UNSEE_BENCH_WGPU=only.
     let want = |var: &str, item: &str| std::env::var(var).map(|v| v.split(',').any(|x| item.starts_with(x))).unwrap_or(true);
     let mut models = vec![("tiny", repo.join("models/tiny-sd"))];
@@ -59,6 +59,12 @@ fn main() {
         models.push(("sd15 (random)", PathBuf::from(p)));
     }
     models.retain(|(n, _)| want("UNSEE_BENCH_MODELS", n));
+    // UNSEE_BENCH_PRECISION=f16: e.g. for devices whose storage-buffer limit (128 MiB on lavapipe) is below the
+    // full-size text encoder's 152 MB f32 token embedding.
+    let precision = match std::env::var("UNSEE_BENCH_PRECISION").as_deref() {
+        Ok("f16") => Precision::F16,
+        _ => Precision::F32,
+    };
     let mut devices = vec![DeviceChoice::Cpu];
     match std::env::var("UNSEE_BENCH_WGPU").as_deref() {
         Ok("only") => devices = vec![DeviceChoice::Gpu],
@@ -74,14 +80,14 @@ fn main() {
                 continue; // opt-in: software Vulkan (lavapipe) takes many minutes per full-size run
             }
             for method in ["uce", "speed"].into_iter().filter(|m| want("UNSEE_BENCH_METHODS", m)) {
-                for n in [1usize, 10, 100] {
+                for n in [1usize, 10, 100].into_iter().filter(|n| want("UNSEE_BENCH_COUNTS", &n.to_string())) {
                     let spec_path = tmp.join("spec.toml");
                     std::fs::write(&spec_path, spec_text(method, n, &preserve_file)).unwrap();
                     let spec = Spec::from_file(&spec_path).unwrap();
                     let cache = tmp.join(format!("cache-{method}-{n}-{device:?}"));
                     // SAFETY: single-threaded here; the engine reads it when it looks for the Gram cache.
                     unsafe { std::env::set_var("UNSEE_CACHE_DIR", &cache) };
-                    let dev = select(device, Precision::F32).unwrap();
+                    let dev = select(device, precision).unwrap();
                     let mut sd = StableDiffusion::load(dir, dev.clone(), &LoadOptions::default()).unwrap();
                     let t = Instant::now();
                     let cold = erase(&mut sd, &spec).unwrap();
@@ -109,8 +115,9 @@ fn main() {
                         Some(ts) => (format!("{ts:.2}"), format!("{:.1}", ts / total_cold)),
                         None => ("–".into(), "–".into()),
                     };
-                    println!("| {name} | {} | {method} | {n} | {:.2} | {:.2} | {:.3} | {:.3} | {total_cold:.2} | {total:.2} | {t_s} | {ratio} |",
+                    println!("| {name} | {}{} | {method} | {n} | {:.2} | {:.2} | {:.3} | {:.3} | {total_cold:.2} | {total:.2} | {t_s} | {ratio} |",
                              if device == DeviceChoice::Cpu { "cpu" } else { "wgpu" },
+                             if precision == Precision::F16 { " f16" } else { "" },
                              cold.timings.encode_s, warm.timings.encode_s, warm.timings.solve_s, warm.timings.apply_s);
                 }
             }
