@@ -344,3 +344,33 @@ fn every_method_runs_from_the_cli_on_both_reference_models() {
         }
     }
 }
+
+#[test]
+fn erased_text_encoder_plugs_into_the_base_model() {
+    // erasepro-text's baked text_encoder/ used with --text-encoder on the base model equals the baked folder.
+    let d = tmp("text-encoder");
+    let spec = d.join("spec.toml");
+    std::fs::write(&spec, "method = \"erasepro-text\"\n[[erase]]\nconcept = \"Van Gogh\"\nreplace_with = \"art\"\n").unwrap();
+    let baked = d.join("baked");
+    let o = unsee(&["erase", "--device", "cpu", "--spec", spec.to_str().unwrap(), "--out",
+                    d.join("e.safetensors").to_str().unwrap(), "--bake", baked.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let generate = |extra: &[&str], out: &str| {
+        let p = d.join(out);
+        let mut args = vec!["generate", "--device", "cpu", "--prompt", "Van Gogh", "--steps", "2", "--out", p.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let o = unsee(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        image::open(p).unwrap().to_rgb8().into_raw()
+    };
+    let plugged = generate(&["--text-encoder", baked.join("text_encoder").to_str().unwrap()], "p.png");
+    let whole = generate(&["--model", baked.to_str().unwrap()], "w.png");
+    let base = generate(&[], "b.png");
+    assert_eq!(plugged, whole);
+    assert_ne!(plugged, base, "the erased text encoder changed nothing");
+    // A text encoder of another width is refused; a missing one is "not found".
+    fails_with(&["generate", "--device", "cpu", "--prompt", "x", "--steps", "1", "--text-encoder",
+                 model_dir("small").join("text_encoder").to_str().unwrap(), "--out", "x.png"], "cross-attention expects");
+    fails_with(&["generate", "--device", "cpu", "--prompt", "x", "--steps", "1", "--text-encoder",
+                 d.join("nope").to_str().unwrap(), "--out", "x.png"], "model not found");
+}
