@@ -80,7 +80,9 @@ fn main() {
                 continue; // opt-in: software Vulkan (lavapipe) takes many minutes per full-size run
             }
             for method in ["uce", "speed"].into_iter().filter(|m| want("UNSEE_BENCH_METHODS", m)) {
-                for n in [1usize, 10, 100].into_iter().filter(|n| want("UNSEE_BENCH_COUNTS", &n.to_string())) {
+                for n in [1usize, 10, 100].into_iter().filter(|n| {
+                    std::env::var("UNSEE_BENCH_COUNTS").map(|v| v.split(',').any(|x| x == n.to_string())).unwrap_or(true)
+                }) {
                     let spec_path = tmp.join("spec.toml");
                     std::fs::write(&spec_path, spec_text(method, n, &preserve_file)).unwrap();
                     let spec = Spec::from_file(&spec_path).unwrap();
