@@ -73,6 +73,36 @@ fn python_bindings_drive_the_engine() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[test]
+fn swift_bindings_are_generated_with_the_api_the_wrapper_uses() {
+    // Swift cannot be compiled here (no Xcode); check that library mode writes the three files the XCFramework
+    // script packages, and that they declare what ios/Sources/Unsee/Unsee.swift and the README example call.
+    let dir = scratch("swift");
+    generate("swift", &dir);
+    let swift = std::fs::read_to_string(dir.join("UnseeFFI.swift")).unwrap();
+    for needle in [
+        "open class Engine",
+        "public convenience init(config: EngineConfig)throws",
+        "open func generate(request: GenerateRequest, progress: ProgressListener?, cancel: CancelToken?)throws  -> GeneratedImage",
+        "open func erase(specToml: String, saveTo: String?)throws  -> ErasureSummary",
+        "open func audit(specToml: String)throws  -> AuditReport",
+        "public protocol ProgressListener",
+        "func onStep(step: Int32, total: Int32)",
+        "open class CancelToken",
+        "enum UnseeError: Swift.Error",
+        "case Cancelled(message: String)",
+        "public init(prompt: String, negativePrompt: String = \"\", steps: Int32 = 20",
+        "import UnseeFFIFFI",
+    ] {
+        assert!(swift.contains(needle), "generated Swift lacks {needle:?}");
+    }
+    let header = std::fs::read_to_string(dir.join("UnseeFFIFFI.h")).unwrap();
+    assert!(header.contains("uniffi_unsee_ffi_fn_method_engine_generate"), "header lacks the generate symbol");
+    let modulemap = std::fs::read_to_string(dir.join("UnseeFFIFFI.modulemap")).unwrap();
+    assert!(modulemap.contains("module UnseeFFIFFI"), "{modulemap}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn find_tool(env_var: &str, candidates: &[PathBuf]) -> Option<PathBuf> {
     if let Some(p) = std::env::var_os(env_var) {
         return Some(PathBuf::from(p));
