@@ -11,6 +11,7 @@ pub mod model;
 pub mod nn;
 pub mod pipeline;
 pub mod scheduler;
+pub mod shapes;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
