@@ -368,3 +368,80 @@ mod tests {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Measuring a model with the oracle.
+
+/// Colour × shape pairs held out from training (as `HELD_OUT_PAIRS` in `models/shapes/shapes.py`).
+pub const HELD_OUT_PAIRS: [(Colour, Shape); 6] = [
+    (Colour::Purple, Shape::Star),
+    (Colour::Orange, Shape::Ring),
+    (Colour::Green, Shape::Triangle),
+    (Colour::Blue, Shape::Cross),
+    (Colour::Yellow, Shape::Circle),
+    (Colour::Red, Shape::Square),
+];
+
+/// Single-object templates never used in training (as `HELD_OUT_SINGLE` in `shapes.py`).
+pub const HELD_OUT_TEMPLATES: [&str; 3] = ["an image of a {}", "a rendering of a {}", "there is a {}"];
+
+/// `template` with "{colour} {shape}" in place of `{}`, and "a" → "an" before a vowel (as `article` in `shapes.py`).
+pub fn fill_template(template: &str, colour: Colour, shape: Shape) -> String {
+    let text = template.replace("{}", &format!("{colour} {shape}"));
+    let words: Vec<&str> = text.split(' ').collect();
+    let fixed: Vec<&str> = words
+        .iter()
+        .enumerate()
+        .map(|(i, &w)| {
+            let next_vowel = words.get(i + 1).is_some_and(|n| n.starts_with(['a', 'e', 'i', 'o', 'u']));
+            if w == "a" && next_vowel { "an" } else { w }
+        })
+        .collect();
+    fixed.join(" ")
+}
+
+/// How a set of generated images reads, for prompts asking for one `(colour, shape)` each.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Readout {
+    pub images: usize,
+    /// Exactly one object was found.
+    pub one_object: usize,
+    /// One of the objects found has the asked shape / colour / both.
+    pub shape: usize,
+    pub colour: usize,
+    pub both: usize,
+}
+
+impl Readout {
+    pub fn add(&mut self, found: &[Detection], colour: Colour, shape: Shape) {
+        self.images += 1;
+        self.one_object += usize::from(found.len() == 1);
+        self.shape += usize::from(found.iter().any(|d| d.shape == shape));
+        self.colour += usize::from(found.iter().any(|d| d.colour == colour));
+        self.both += usize::from(found.iter().any(|d| d.shape == shape && d.colour == colour));
+    }
+    pub fn merge(&mut self, o: &Readout) {
+        self.images += o.images;
+        self.one_object += o.one_object;
+        self.shape += o.shape;
+        self.colour += o.colour;
+        self.both += o.both;
+    }
+    pub fn rate(n: usize, of: usize) -> f64 {
+        n as f64 / of.max(1) as f64
+    }
+}
+
+/// Generates one image with the runtime and reads it with the oracle.
+pub fn generate_and_read(sd: &crate::pipeline::StableDiffusion, prompt: &str, seed: u64, steps: usize, guidance: f64)
+    -> crate::error::Result<Vec<Detection>> {
+    let req = crate::pipeline::GenerateRequest {
+        prompt: prompt.to_string(),
+        steps,
+        guidance,
+        seed,
+        ..Default::default()
+    };
+    let g = sd.generate(&req, None, None, &mut |_| crate::pipeline::Control::Continue)?;
+    Ok(analyse(&g.rgba, g.width, g.height, 4))
+}
