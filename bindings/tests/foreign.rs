@@ -18,10 +18,35 @@ fn target_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_uniffi-bindgen")).parent().unwrap().to_path_buf()
 }
 
+/// The shared library apps load. `cargo test` builds only the rlib of a package under test, so README's test
+/// command runs `cargo build -p unsee-ffi --lib` first; a library older than the Rust sources is refused, so a
+/// stale build is never tested by mistake.
 fn cdylib() -> PathBuf {
     let p = target_dir().join(format!("{}unsee_ffi{}", std::env::consts::DLL_PREFIX, std::env::consts::DLL_SUFFIX));
-    assert!(p.is_file(), "{} was not built (crate-type cdylib)", p.display());
+    let hint = "run `cargo build -p unsee-ffi --lib` before `cargo test` (README's test command does)";
+    let built = std::fs::metadata(&p).and_then(|m| m.modified()).unwrap_or_else(|_| panic!("{} missing: {hint}", p.display()));
+    let mut newest = None;
+    for dir in ["bindings/src", "core/src"] {
+        newest_source(&repo().join(dir), &mut newest);
+    }
+    if let Some((t, f)) = newest {
+        assert!(t <= built, "{} is older than {}: {hint}", p.display(), f.display());
+    }
     p
+}
+
+fn newest_source(dir: &Path, newest: &mut Option<(std::time::SystemTime, PathBuf)>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            newest_source(&p, newest);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            let t = std::fs::metadata(&p).unwrap().modified().unwrap();
+            if newest.as_ref().is_none_or(|(n, _)| t > *n) {
+                *newest = Some((t, p));
+            }
+        }
+    }
 }
 
 fn scratch(name: &str) -> PathBuf {
