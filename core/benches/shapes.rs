@@ -95,8 +95,12 @@ fn main() {
     let methods: Vec<String> = std::env::var("UNSEE_SHAPES_METHODS")
         .unwrap_or_else(|_| "uce,time,speed,rece,erasepro,erasepro-text".into())
         .split(',')
+        .filter(|m| !m.is_empty())
         .map(str::to_string)
         .collect();
+    if methods.is_empty() {
+        return; // UNSEE_SHAPES_METHODS="" → quality only
+    }
     let tmp = std::env::temp_dir().join(format!("unsee-shapes-bench-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
     let templates = tmp.join("templates.txt");
