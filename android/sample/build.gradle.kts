@@ -1,5 +1,5 @@
 // Compose sample: prompt field, the erased concepts of the loaded bundle, progress bar, image, cancel button.
-// The model is copied from the repository's models/tiny-sd (or any diffusers folder you put in
+// The model is copied from the repository's models/shapes-sd (or any diffusers folder you put in
 // src/main/assets/model) into the app's files on first start.
 plugins {
     id("com.android.application")
@@ -34,7 +34,7 @@ android {
 
 // The embedded model (and an erasure bundle, if models/bundle exists) as assets/model, assets/erasures.
 val copyModel by tasks.registering(Copy::class) {
-    from(repoRoot.resolve("models/tiny-sd")) { into("model") }
+    from(repoRoot.resolve("models/shapes-sd")) { into("model") }
     from(repoRoot.resolve("models/bundle")) { into("erasures") }
     into(layout.buildDirectory.dir("modelAssets"))
 }

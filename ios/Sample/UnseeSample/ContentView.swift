@@ -5,7 +5,7 @@ import Unsee
 struct ContentView: View {
     @State private var engine: UnseeEngine?
     @State private var status = "loading the model…"
-    @State private var prompt = "a lighthouse at dusk"
+    @State private var prompt = "a red circle"
     @State private var progress = 0.0
     @State private var image: CGImage?
     @State private var task: Task<Void, Never>?
@@ -39,7 +39,7 @@ struct ContentView: View {
 
     private func load() async {
         do {
-            let model = Bundle.main.resourceURL!.appendingPathComponent("tiny-sd").path
+            let model = Bundle.main.resourceURL!.appendingPathComponent("shapes-sd").path
             let erasures = (Bundle.main.urls(forResourcesWithExtension: "safetensors", subdirectory: "erasures") ?? [])
                 .map(\.path).sorted()
             let config = EngineConfig(modelPath: model, erasurePaths: erasures, device: .auto, precision: .f32)

@@ -70,7 +70,7 @@ private fun unpack(context: Context, dir: String): File {
 fun UnseeScreen(context: Context) {
     var unsee by remember { mutableStateOf<Unsee?>(null) }
     var status by remember { mutableStateOf("loading the model…") }
-    var prompt by remember { mutableStateOf("a lighthouse at dusk") }
+    var prompt by remember { mutableStateOf("a red circle") }
     var progress by remember { mutableStateOf(0f) }
     var image by remember { mutableStateOf<Bitmap?>(null) }
     var job by remember { mutableStateOf<Job?>(null) }
