@@ -265,6 +265,15 @@ fn gpu_request_without_adapter_is_a_clear_error() {
     assert!(stderr(&o).contains("no wgpu adapter found"), "{}", stderr(&o));
 }
 
+/// `unsee generate --prompt "Van Gogh"` on the CPU with `extra` arguments; returns the RGB pixels.
+fn generate_rgb(out: &std::path::Path, steps: &str, extra: &[&str]) -> Vec<u8> {
+    let mut args = vec!["generate", "--device", "cpu", "--prompt", "Van Gogh", "--steps", steps, "--out", out.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let o = unsee(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    image::open(out).unwrap().to_rgb8().into_raw()
+}
+
 #[test]
 fn erase_then_generate_with_the_erasure_and_audit() {
     let d = tmp("erase");
@@ -278,14 +287,7 @@ fn erase_then_generate_with_the_erasure_and_audit() {
     let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(summary["matrices"], 12);
     // Generating with the erasure file equals generating with the baked folder, and differs from the base model.
-    let generate = |extra: &[&str], out: &str| {
-        let p = d.join(out);
-        let mut args = vec!["generate", "--device", "cpu", "--prompt", "Van Gogh", "--steps", "3", "--out", p.to_str().unwrap()];
-        args.extend_from_slice(extra);
-        let o = unsee(&args);
-        assert!(o.status.success(), "{}", stderr(&o));
-        image::open(p).unwrap().to_rgb8().into_raw()
-    };
+    let generate = |extra: &[&str], out: &str| generate_rgb(&d.join(out), "3", extra);
     let with_file = generate(&["--erasure", file.to_str().unwrap()], "f.png");
     let with_bake = generate(&["--model", baked.to_str().unwrap()], "b.png");
     let base = generate(&[], "base.png");
@@ -355,14 +357,7 @@ fn erased_text_encoder_plugs_into_the_base_model() {
     let o = unsee(&["erase", "--device", "cpu", "--spec", spec.to_str().unwrap(), "--out",
                     d.join("e.safetensors").to_str().unwrap(), "--bake", baked.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let generate = |extra: &[&str], out: &str| {
-        let p = d.join(out);
-        let mut args = vec!["generate", "--device", "cpu", "--prompt", "Van Gogh", "--steps", "2", "--out", p.to_str().unwrap()];
-        args.extend_from_slice(extra);
-        let o = unsee(&args);
-        assert!(o.status.success(), "{}", stderr(&o));
-        image::open(p).unwrap().to_rgb8().into_raw()
-    };
+    let generate = |extra: &[&str], out: &str| generate_rgb(&d.join(out), "2", extra);
     let plugged = generate(&["--text-encoder", baked.join("text_encoder").to_str().unwrap()], "p.png");
     let whole = generate(&["--model", baked.to_str().unwrap()], "w.png");
     let base = generate(&[], "b.png");
