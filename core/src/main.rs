@@ -117,6 +117,29 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Generate a grid of images: one column per prompt (× seed), one row for the model as loaded and, with
+    /// --spec, a second row for the same prompts and seeds after erasing the spec's concepts.
+    Grid {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long = "prompt", required = true)]
+        prompts: Vec<String>,
+        /// Images per prompt (seeds 0..N).
+        #[arg(long, default_value_t = 1)]
+        seeds: u64,
+        /// An edit spec (TOML): adds the row "after erasure".
+        #[arg(long)]
+        spec: Option<PathBuf>,
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        #[arg(long, default_value_t = 7.5)]
+        guidance: f64,
+        /// Nearest-neighbour upscaling of each image (small models draw small pictures).
+        #[arg(long, default_value_t = 1)]
+        scale: u32,
+        #[arg(long, default_value = "grid.png")]
+        out: PathBuf,
+    },
     /// Measure leakage of erased concepts and drift of preserved prompts on held-out templates.
     Audit {
         #[command(flatten)]
@@ -262,6 +285,43 @@ fn run(cli: Cli) -> Result<()> {
                     steps as f64 / steps_total.max(1e-9), sd.device.description
                 );
             }
+            Ok(())
+        }
+        Command::Grid { model, prompts, seeds, spec, steps, guidance, scale, out } => {
+            if steps == 0 || seeds == 0 || !(1..=64).contains(&scale) {
+                return Err(Error::InvalidRequest("--steps and --seeds must be at least 1, --scale 1..=64".into()));
+            }
+            let spec = spec.as_deref().map(unsee::erase::spec::Spec::from_file).transpose()?;
+            let base = load(&model)?;
+            let mut rows = vec![base.clone()];
+            if let Some(spec) = &spec {
+                let mut erased = base;
+                unsee::erase::erase(&mut erased, spec)?;
+                rows.push(erased);
+            }
+            let cells: Vec<(&String, u64)> = prompts.iter().flat_map(|p| (0..seeds).map(move |s| (p, s))).collect();
+            let mut grid: Option<image::RgbaImage> = None;
+            for (r, sd) in rows.iter().enumerate() {
+                for (c, (prompt, seed)) in cells.iter().enumerate() {
+                    let req = GenerateRequest { prompt: prompt.to_string(), steps, guidance, seed: *seed,
+                                                ..Default::default() };
+                    let g = sd.generate(&req, None, None, &mut |_| Control::Continue)?;
+                    let img = image::RgbaImage::from_raw(g.width as u32, g.height as u32, g.rgba)
+                        .ok_or_else(|| Error::Internal("image buffer size".into()))?;
+                    let img = image::imageops::resize(&img, img.width() * scale, img.height() * scale,
+                                                      image::imageops::FilterType::Nearest);
+                    let (w, h) = (img.width(), img.height());
+                    let grid = grid.get_or_insert_with(|| {
+                        image::RgbaImage::from_pixel(cells.len() as u32 * (w + 2) - 2,
+                                                     rows.len() as u32 * (h + 2) - 2, image::Rgba([255, 255, 255, 255]))
+                    });
+                    image::imageops::replace(grid, &img, c as i64 * (w as i64 + 2), r as i64 * (h as i64 + 2));
+                    eprintln!("row {} ({}), {prompt:?} seed {seed}", r + 1, if r == 0 { "model" } else { "erased" });
+                }
+            }
+            let grid = grid.expect("at least one cell");
+            grid.save(&out).map_err(|e| Error::Io { path: out.clone(), source: std::io::Error::other(e.to_string()) })?;
+            eprintln!("wrote {} ({} × {} images)", out.display(), rows.len(), cells.len());
             Ok(())
         }
         Command::Encode { model, prompts, out } => {

@@ -325,6 +325,36 @@ impl StableDiffusion {
         &self,
         req: &GenerateRequest,
         init_latents: Option<Tensor<4>>,
+        noise_source: Option<&mut dyn FnMut(usize) -> Tensor<4>>,
+        on_step: &mut dyn FnMut(StepEvent) -> Control,
+    ) -> Result<(Tensor<4>, Timings)> {
+        self.denoise_with(req, None, init_latents, noise_source, on_step)
+    }
+
+    /// Like [`generate`](Self::generate) (seeded noise), but conditioned on `context` (`[1, 77, hidden]`) in place
+    /// of the encoded `req.prompt`: for embedding-space attacks on an erased model
+    /// ([`crate::erase::attack`]). The negative prompt is still encoded.
+    pub fn generate_with_context(&self, req: &GenerateRequest, context: Tensor<3>) -> Result<Generated> {
+        let [_, s, d] = context.dims();
+        if s != self.tokenizer.max_length || d != self.text_config.hidden_size {
+            return Err(Error::InvalidRequest(format!(
+                "a context of shape [1, {s}, {d}] given; this model takes [1, {}, {}]",
+                self.tokenizer.max_length, self.text_config.hidden_size
+            )));
+        }
+        let context = context.cast(self.device.precision.dtype());
+        let (x, mut timings) = self.denoise_with(req, Some(context), None, None, &mut |_| Control::Continue)?;
+        let t = Instant::now();
+        let (rgba, height, width) = self.decode_rgba(x.clone())?;
+        timings.decode_s = t.elapsed().as_secs_f64();
+        Ok(Generated { width, height, rgba, latents: x, timings })
+    }
+
+    fn denoise_with(
+        &self,
+        req: &GenerateRequest,
+        given_context: Option<Tensor<3>>,
+        init_latents: Option<Tensor<4>>,
         mut noise_source: Option<&mut dyn FnMut(usize) -> Tensor<4>>,
         on_step: &mut dyn FnMut(StepEvent) -> Control,
     ) -> Result<(Tensor<4>, Timings)> {
@@ -352,7 +382,10 @@ impl StableDiffusion {
 
         let t = Instant::now();
         let cfg = req.guidance > 1.0;
-        let (cond, _) = self.encode_prompt(&req.prompt)?;
+        let cond = match given_context {
+            Some(c) => c,
+            None => self.encode_prompt(&req.prompt)?.0,
+        };
         let context = if cfg {
             let (uncond, _) = self.encode_prompt(&req.negative_prompt)?;
             Tensor::cat(vec![uncond, cond], 0)

@@ -372,6 +372,8 @@ mod tests {
 // ---------------------------------------------------------------------------------------------------------------
 // Measuring a model with the oracle.
 
+pub mod eval;
+
 /// Colour × shape pairs held out from training (as `HELD_OUT_PAIRS` in `models/shapes/shapes.py`).
 pub const HELD_OUT_PAIRS: [(Colour, Shape); 6] = [
     (Colour::Purple, Shape::Star),
@@ -385,9 +387,13 @@ pub const HELD_OUT_PAIRS: [(Colour, Shape); 6] = [
 /// Single-object templates never used in training (as `HELD_OUT_SINGLE` in `shapes.py`).
 pub const HELD_OUT_TEMPLATES: [&str; 3] = ["an image of a {}", "a rendering of a {}", "there is a {}"];
 
-/// `template` with "{colour} {shape}" in place of `{}`, and "a" → "an" before a vowel (as `article` in `shapes.py`).
+/// `template` with "{colour} {shape}" in place of `{}`, with [`article`] applied.
 pub fn fill_template(template: &str, colour: Colour, shape: Shape) -> String {
-    let text = template.replace("{}", &format!("{colour} {shape}"));
+    article(&template.replace("{}", &format!("{colour} {shape}")))
+}
+
+/// "a" → "an" before a vowel (as `article` in `shapes.py`).
+pub fn article(text: &str) -> String {
     let words: Vec<&str> = text.split(' ').collect();
     let fixed: Vec<&str> = words
         .iter()

@@ -309,3 +309,49 @@ fn erasepro_text_erases_in_the_text_encoder_and_pins_the_null_prompt() {
     // Other prompts are not pinned by the method, but a single-concept edit should leave them mostly alone.
     eprintln!("erasepro-text: 'art' moved by {:.3} (relative)", rel(&art1, &art0));
 }
+
+/// The embedding attack (RECE's closed form, `erase::attack`): conditioning on c′ reproduces the base model's
+/// keys/values of the concept prompt better than the prompt itself does on the erased model, `c′` solves its normal
+/// equations, `generate_with_context` with the plain hidden states equals `generate`, and a model without a UNet
+/// edit is refused.
+#[test]
+fn embedding_attack_recovers_base_keys_and_context_generation_matches() {
+    use unsee::erase::attack::{EMBEDDING_ATTACK_LAMBDA, adversarial_context};
+    use unsee::pipeline::{Control, GenerateRequest};
+    let base = load("tiny");
+    let mut sd = base.clone();
+    let s = spec(UCE_SPEC);
+    erase(&mut sd, &s).unwrap();
+    let prompt = "a painting by Van Gogh";
+    let adv = adversarial_context(&base, &sd, prompt, EMBEDDING_ATTACK_LAMBDA).unwrap();
+    let names = cross_attention_names(&sd.unet, &["to_k".to_string(), "to_v".to_string()]);
+    let (w0, w1) = (weights(&mut base.clone(), &names), weights(&mut sd.clone(), &names));
+    let to_m = |t: burn::tensor::Tensor<3>| {
+        let [_, n, d] = t.dims();
+        let v = host(t);
+        M::from_fn(d, n, |i, j| v[j * d + i] as f64)
+    };
+    let c = to_m(sd.encode_prompt(prompt).unwrap().0);
+    let a = to_m(adv);
+    let (mut err_plain, mut err_adv) = (0.0, 0.0);
+    let mut grad = &a * EMBEDDING_ATTACK_LAMBDA;
+    for (wb, we) in w0.iter().zip(&w1) {
+        err_plain += linalg::frob(&(we * &c - wb * &c)).powi(2);
+        err_adv += linalg::frob(&(we * &a - wb * &c)).powi(2);
+        grad += we.transpose() * (we * &a - wb * &c);
+    }
+    eprintln!("keys/values error vs base: prompt {err_plain:.4e}, adversarial embedding {err_adv:.4e}");
+    assert!(err_adv < 0.5 * err_plain, "the attack does not bring the keys back");
+    assert!(linalg::frob(&grad) < 1e-6 * linalg::frob(&a).max(1.0), "c′ does not solve its normal equations");
+
+    let req = GenerateRequest { prompt: prompt.into(), steps: 3, guidance: 5.0, seed: 3, ..Default::default() };
+    let plain = sd.generate(&req, None, None, &mut |_| Control::Continue).unwrap();
+    let (ctx, _) = sd.encode_prompt(prompt).unwrap();
+    let via_ctx = sd.generate_with_context(&req, ctx).unwrap();
+    assert_eq!(plain.rgba, via_ctx.rgba);
+    let bad = burn::tensor::Tensor::<3>::zeros([1, 5, 32], sd.dev());
+    assert!(sd.generate_with_context(&req, bad).is_err());
+
+    let err = adversarial_context(&base, &base, prompt, EMBEDDING_ATTACK_LAMBDA).unwrap_err();
+    assert!(err.to_string().contains("needs a UNet edit"), "{err}");
+}

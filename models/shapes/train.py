@@ -3,6 +3,7 @@ UNet2DConditionModel with cross-attention, SD's scaled-linear DDPM schedule, cla
 scratch on the synthetic scenes of shapes.py, on the CPU.
 
     python models/shapes/train.py --out models/shapes-sd --minutes 50
+    python models/shapes/train.py --resume models/shapes-sd --out /tmp/shapes-sd2 --minutes 60 --lr-min 5e-5
 
 Stage 1 trains the VAE (reconstruction + a small KL), stage 2 the text encoder and UNet together on the VAE's
 latents (epsilon prediction). Fixed seeds; the exact settings are written to OUT/train_settings.json. Needs the
@@ -52,6 +53,11 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--save-every-min", type=float, default=5.0)
+    ap.add_argument("--resume", default=None,
+                    help="a folder written by this script: keep its VAE, continue stage 2 from its (EMA) text encoder "
+                         "and UNet for --minutes")
+    ap.add_argument("--lr-min", type=float, default=None,
+                    help="if set, the learning rate follows a cosine from --lr down to this over the time budget")
     args = ap.parse_args()
 
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -66,10 +72,17 @@ def main():
     x_all = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     print(f"data: {len(x_all)} images in {time.monotonic() - t_start:.0f}s", flush=True)
 
-    # ---- stage 1: VAE
-    vae = AutoencoderKL(**VAE_CONFIG)
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    # ---- stage 1: VAE (or the one of --resume)
+    prior = None
     g = torch.Generator().manual_seed(args.seed)
+    if args.resume:
+        with open(os.path.join(args.resume, "train_settings.json")) as f:
+            prior = json.load(f)
+        vae = AutoencoderKL.from_pretrained(os.path.join(args.resume, "vae"), torch_dtype=torch.float32)
+        args.vae_minutes = 0.0
+    else:
+        vae = AutoencoderKL(**VAE_CONFIG)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
     step, t_vae = 0, time.monotonic()
     while time.monotonic() - t_vae < args.vae_minutes * 60:
         idx = torch.randint(len(x_all), (args.batch,), generator=g)
@@ -91,16 +104,23 @@ def main():
             means.append(d.mean)
             stds.append(d.std)
         lat_mean, lat_std = torch.cat(means), torch.cat(stds)
-    scaling = float(1.0 / lat_mean.std())
-    vae.register_to_config(scaling_factor=scaling)
+    if prior is None:
+        scaling = float(1.0 / lat_mean.std())
+        vae.register_to_config(scaling_factor=scaling)
+    else:
+        scaling = float(vae.config.scaling_factor)
     print(f"vae: {step} steps, scaling_factor {scaling:.4f}", flush=True)
 
     # ---- stage 2: text encoder + UNet
     tok = CLIPTokenizer.from_pretrained(os.path.join(REPO, "models", "tiny-sd", "tokenizer"))
     ids_all = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     ids_null = tok([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
-    text = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
-    unet = UNet2DConditionModel(**UNET_CONFIG)
+    if prior is None:
+        text = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+        unet = UNet2DConditionModel(**UNET_CONFIG)
+    else:
+        text = CLIPTextModel.from_pretrained(os.path.join(args.resume, "text_encoder"), torch_dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(os.path.join(args.resume, "unet"), torch_dtype=torch.float32)
     sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
     params = list(text.parameters()) + list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
@@ -124,6 +144,11 @@ def main():
                         minutes=(time.monotonic() - t_start) / 60, final_loss=float(np.mean(losses[-200:])),
                         torch=torch.__version__, ema_decay=0.999, scaling_factor=scaling,
                         held_out_pairs=sorted(shapes.HELD_OUT_PAIRS))
+        if prior is not None:
+            # the history of the run(s) this one continues, and totals over all of them
+            settings["resumed_from"] = {k: v for k, v in prior.items() if k not in ("vae", "text_encoder", "unet")}
+            settings["total_steps"] = prior.get("total_steps", prior["steps"]) + step
+            settings["total_minutes"] = prior.get("total_minutes", prior["minutes"]) + settings["minutes"]
         with open(os.path.join(out, "train_settings.json"), "w") as f:
             json.dump(settings, f, indent=1)
         print(f"saved {out} at step {step}", flush=True)
@@ -143,9 +168,13 @@ def main():
         ctx = text(ids).last_hidden_state
         pred = unet(noisy, t, encoder_hidden_states=ctx).sample
         loss = F.mse_loss(pred, noise)
-        warm = min(1.0, (step + 1) / 500)
+        warm = min(1.0, (step + 1) / (100 if prior is not None else 500))
+        lr = args.lr
+        if args.lr_min is not None:
+            frac = min(1.0, (time.monotonic() - t_start) / (deadline - t_start))
+            lr = args.lr_min + (args.lr - args.lr_min) * 0.5 * (1 + np.cos(np.pi * frac))
         for grp in opt.param_groups:
-            grp["lr"] = args.lr * warm
+            grp["lr"] = lr * warm
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -159,7 +188,7 @@ def main():
         step += 1
         if step % 100 == 0:
             el = time.monotonic() - t_start
-            print(f"step {step} loss {np.mean(losses[-100:]):.4f} ({el / 60:.1f} min)", flush=True)
+            print(f"step {step} loss {np.mean(losses[-100:]):.4f} lr {lr * warm:.2e} ({el / 60:.1f} min)", flush=True)
         if time.monotonic() - last_save > args.save_every_min * 60:
             save(final=False)
             last_save = time.monotonic()

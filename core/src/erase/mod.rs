@@ -23,6 +23,7 @@
 //! Hard constraints (`pin_unconditional`, SPEED's null space) are imposed exactly: the update is searched in the
 //! orthogonal complement N of the pinned keys, ΔW = R·(N(NᵀMN)⁻¹NᵀK)ᵀ, so ΔW·k = 0 for every pinned k.
 
+pub mod attack;
 pub mod audit;
 pub mod file;
 pub mod linalg;

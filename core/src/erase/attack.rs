@@ -1,0 +1,63 @@
+//! Attacks on an erased model: ways to get an erased concept back, used to measure how robust an erasure is.
+//!
+//! - **Embedding attack** (white box): RECE's closed-form adversarial embedding (the paper is cited in
+//!   [`super`]). Given the base cross-attention projections W₀ₗ and the edited ones W′ₗ, the text embedding that
+//!   best reproduces, through the edited model, the keys and values the base model gives the concept prompt c is
+//!
+//!   c′ = argmin_e Σₗ ‖W′ₗ e − W₀ₗ c‖² + λ‖e‖² = (λI + Σₗ W′ₗᵀW′ₗ)⁻¹ (Σₗ W′ₗᵀW₀ₗ) c,
+//!
+//!   applied to every one of the 77 token columns of the prompt's hidden states. The model is then conditioned on
+//!   c′ directly ([`StableDiffusion::generate_with_context`]). An edit that only rotates the concept's keys away
+//!   (a small ‖ΔW‖) is undone by it; an edit whose erased directions are absent from W′'s row space is not. It
+//!   only attacks UNet edits: a text-encoder edit (`erasepro-text`) leaves the projections unchanged, so the
+//!   attack degenerates to "use the original text encoder", which [`adversarial_context`] refuses.
+//!
+//! (Prompt-level attacks, such as putting the concept into a composition with another object, need no engine
+//! support: they are prompts; `unsee::shapes::eval` measures one.)
+
+use burn::tensor::{Tensor, TensorData};
+
+use super::linalg::{self, M, identity, zeros};
+use super::{Component, cross_attention_names, linear_mut, read_weight};
+use crate::error::{Error, Result};
+use crate::pipeline::StableDiffusion;
+
+/// λ of the embedding attack: the `lambda_reg` default of the `rece` method (RECE's published value).
+pub const EMBEDDING_ATTACK_LAMBDA: f64 = 0.1;
+
+/// The cross-attention key/value projections (d_out × d_in, f64) of a model, in UNet order.
+fn projections(sd: &StableDiffusion) -> Vec<M> {
+    let mut sd = sd.clone(); // cheap: tensors are shared handles
+    let names = cross_attention_names(&sd.unet, &["to_k".to_string(), "to_v".to_string()]);
+    names.iter().filter_map(|n| linear_mut(&mut sd, Component::Unet, n).map(|l| read_weight(l))).collect()
+}
+
+/// The adversarial conditioning `[1, 77, hidden]` for `prompt`: c′ above, with c the hidden states of `prompt`
+/// from `edited`'s text encoder (the same as the base's for UNet edits). Errors when the two models' UNet
+/// projections are identical (nothing to attack: the edit is not in the UNet) or have different shapes.
+pub fn adversarial_context(base: &StableDiffusion, edited: &StableDiffusion, prompt: &str, lambda: f64)
+    -> Result<Tensor<3>> {
+    let (w0, w1) = (projections(base), projections(edited));
+    if w0.len() != w1.len() || w0.iter().zip(&w1).any(|(a, b)| a.nrows() != b.nrows() || a.ncols() != b.ncols()) {
+        return Err(Error::InvalidRequest("the edited model's cross-attention differs in shape from the base's".into()));
+    }
+    if w0.iter().zip(&w1).all(|(a, b)| linalg::frob(&(a - b)) == 0.0) {
+        return Err(Error::InvalidRequest(
+            "the embedding attack needs a UNet edit; this model's cross-attention equals the base's".into(),
+        ));
+    }
+    let d = w0[0].ncols();
+    let mut a = identity(d) * lambda;
+    let mut b = zeros(d, d);
+    for (wb, we) in w0.iter().zip(&w1) {
+        a += we.transpose() * we;
+        b += we.transpose() * wb;
+    }
+    let (c, _) = edited.encode_prompt(prompt)?;
+    let [_, s, _] = c.dims();
+    let v: Vec<f32> = c.cast(burn::tensor::DType::F32).into_data().try_to_vec::<f32>().expect("f32");
+    let c = M::from_fn(d, s, |i, j| v[j * d + i] as f64);
+    let adv = linalg::spd_solve(&a, &(&b * &c), "embedding attack")?;
+    let out: Vec<f32> = (0..s).flat_map(|j| (0..d).map(move |i| (j, i))).map(|(j, i)| adv[(i, j)] as f32).collect();
+    Ok(Tensor::<3>::from_data(TensorData::new(out, [1, s, d]), edited.dev()))
+}
