@@ -137,6 +137,9 @@ enum Command {
         /// Nearest-neighbour upscaling of each image (small models draw small pictures).
         #[arg(long, default_value_t = 1)]
         scale: u32,
+        /// Wrap each model's images into rows of this many (default: one row per model).
+        #[arg(long)]
+        columns: Option<usize>,
         #[arg(long, default_value = "grid.png")]
         out: PathBuf,
     },
@@ -287,9 +290,11 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Grid { model, prompts, seeds, spec, steps, guidance, scale, out } => {
-            if steps == 0 || seeds == 0 || !(1..=64).contains(&scale) {
-                return Err(Error::InvalidRequest("--steps and --seeds must be at least 1, --scale 1..=64".into()));
+        Command::Grid { model, prompts, seeds, spec, steps, guidance, scale, columns, out } => {
+            if steps == 0 || seeds == 0 || !(1..=64).contains(&scale) || columns == Some(0) {
+                return Err(Error::InvalidRequest(
+                    "--steps, --seeds and --columns must be at least 1, --scale 1..=64".into(),
+                ));
             }
             let spec = spec.as_deref().map(unsee::erase::spec::Spec::from_file).transpose()?;
             let base = load(&model)?;
@@ -300,6 +305,8 @@ fn run(cli: Cli) -> Result<()> {
                 rows.push(erased);
             }
             let cells: Vec<(&String, u64)> = prompts.iter().flat_map(|p| (0..seeds).map(move |s| (p, s))).collect();
+            let cols = columns.unwrap_or(cells.len()).min(cells.len());
+            let rows_per_model = cells.len().div_ceil(cols);
             let mut grid: Option<image::RgbaImage> = None;
             for (r, sd) in rows.iter().enumerate() {
                 for (c, (prompt, seed)) in cells.iter().enumerate() {
@@ -311,11 +318,16 @@ fn run(cli: Cli) -> Result<()> {
                     let img = image::imageops::resize(&img, img.width() * scale, img.height() * scale,
                                                       image::imageops::FilterType::Nearest);
                     let (w, h) = (img.width(), img.height());
+                    // Models are separated by a wider gap than images.
+                    let n_rows = (rows.len() * rows_per_model) as u32;
                     let grid = grid.get_or_insert_with(|| {
-                        image::RgbaImage::from_pixel(cells.len() as u32 * (w + 2) - 2,
-                                                     rows.len() as u32 * (h + 2) - 2, image::Rgba([255, 255, 255, 255]))
+                        image::RgbaImage::from_pixel(cols as u32 * (w + 2) - 2,
+                                                     n_rows * (h + 2) - 2 + (rows.len() as u32 - 1) * 6,
+                                                     image::Rgba([255, 255, 255, 255]))
                     });
-                    image::imageops::replace(grid, &img, c as i64 * (w as i64 + 2), r as i64 * (h as i64 + 2));
+                    let row = (r * rows_per_model + c / cols) as i64;
+                    image::imageops::replace(grid, &img, (c % cols) as i64 * (w as i64 + 2),
+                                             row * (h as i64 + 2) + r as i64 * 6);
                     eprintln!("row {} ({}), {prompt:?} seed {seed}", r + 1, if r == 0 { "model" } else { "erased" });
                 }
             }

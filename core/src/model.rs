@@ -6,12 +6,13 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 use crate::weights::is_pickle;
 
-/// The embedded default model (random weights, real CLIP vocabulary).
+/// The embedded default model, `models/shapes-sd` (an SD-1.x model trained on synthetic shapes, 32×32; see
+/// `unsee::shapes`), or the folder named by the `UNSEE_MODEL` environment variable.
 pub fn default_model_dir() -> PathBuf {
     if let Ok(p) = std::env::var("UNSEE_MODEL") {
         return PathBuf::from(p);
     }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("models").join("tiny-sd")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("models").join("shapes-sd")
 }
 
 /// Where a model's parts are.

@@ -9,10 +9,12 @@ use std::process::{Command, Output};
 use common::*;
 use safetensors::{Dtype, SafeTensors};
 
+/// Runs unsee with the random-weight `tiny-sd` as the default model (the parity goldens are computed on it).
 fn unsee(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_unsee"))
         .args(args)
         .env("RUST_LOG", "unsee=info,warn")
+        .env("UNSEE_MODEL", model_dir("tiny"))
         .output()
         .expect("run unsee")
 }
@@ -172,6 +174,8 @@ fn bad_requests_are_refused() {
     fails_with(&["generate", "--device", "cpu", "--prompt", "x", "--guidance", "NaN", "--steps", "1"], "guidance");
     fails_with(&["generate", "--device", "tpu", "--prompt", "x"], "unknown device");
     fails_with(&["generate", "--precision", "f8", "--prompt", "x"], "unknown precision");
+    fails_with(&["grid", "--device", "cpu", "--prompt", "x", "--scale", "0"], "--scale 1..=64");
+    fails_with(&["grid", "--device", "cpu", "--prompt", "x", "--columns", "0"], "--columns must be at least 1");
     fails_with(&["generate", "--device", "cpu", "--prompt", "x", "--model", "/nonexistent/model"], "model not found");
 }
 
@@ -312,7 +316,7 @@ fn erase_then_generate_with_the_erasure_and_audit() {
 
 #[test]
 fn ready_made_specs_parse_and_run() {
-    for spec in ["art-styles", "objects", "explicit"] {
+    for spec in ["art-styles", "objects", "explicit", "shapes-circle"] {
         let p = repo().join("models/specs").join(format!("{spec}.toml"));
         let o = unsee(&["audit", "--device", "cpu", "--spec", p.to_str().unwrap(), "--json"]);
         assert!(o.status.success(), "{spec}: {}", stderr(&o));
@@ -368,4 +372,39 @@ fn erased_text_encoder_plugs_into_the_base_model() {
                  model_dir("small").join("text_encoder").to_str().unwrap(), "--out", "x.png"], "cross-attention expects");
     fails_with(&["generate", "--device", "cpu", "--prompt", "x", "--steps", "1", "--text-encoder",
                  d.join("nope").to_str().unwrap(), "--out", "x.png"], "model not found");
+}
+
+/// Without `--model` (and without UNSEE_MODEL) unsee uses the embedded shapes model; `grid` draws the prompts
+/// before and after an erasure, and the oracle reads the erased concept in the first row and not in the second.
+#[test]
+fn default_model_is_the_shapes_model_and_grid_shows_the_erasure() {
+    let d = tmp("grid");
+    let spec = repo().join("models/specs/shapes-circle.toml");
+    let out = d.join("grid.png");
+    let o = Command::new(env!("CARGO_BIN_EXE_unsee"))
+        .args(["grid", "--device", "cpu", "--guidance", "4", "--scale", "2", "--spec", spec.to_str().unwrap(),
+               "--prompt", "an image of a red circle", "--prompt", "a rendering of a blue circle",
+               "--out", out.to_str().unwrap()])
+        .env_remove("UNSEE_MODEL")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let img = image::open(&out).unwrap().to_rgb8();
+    // 2 rows × 2 columns of 64×64 cells (32×32 images at scale 2), 2-pixel gaps, 6 more between the models.
+    assert_eq!((img.width(), img.height()), (2 * 64 + 2, 2 * 64 + 2 + 6));
+    let cell = |r: u32, c: u32| {
+        let sub = image::imageops::crop_imm(&img, c * 66, r * 72, 64, 64).to_image();
+        let small = image::imageops::resize(&sub, 32, 32, image::imageops::FilterType::Nearest);
+        unsee::shapes::analyse(small.as_raw(), 32, 32, 3)
+    };
+    use unsee::shapes::Shape;
+    for c in 0..2 {
+        let (before, after) = (cell(0, c), cell(1, c));
+        assert!(!after.iter().any(|d| d.shape == Shape::Circle), "column {c}: a circle after erasure: {after:?}");
+        eprintln!("column {c}: before {:?}, after {:?}", before.iter().map(|d| d.shape).collect::<Vec<_>>(),
+                  after.iter().map(|d| d.shape).collect::<Vec<_>>());
+    }
+    let info = Command::new(env!("CARGO_BIN_EXE_unsee")).args(["info", "--device", "cpu"]).env_remove("UNSEE_MODEL")
+        .output().unwrap();
+    assert!(String::from_utf8_lossy(&info.stdout).contains("shapes-sd"), "{}", stderr(&info));
 }

@@ -3,7 +3,8 @@ UNet2DConditionModel with cross-attention, SD's scaled-linear DDPM schedule, cla
 scratch on the synthetic scenes of shapes.py, on the CPU.
 
     python models/shapes/train.py --out models/shapes-sd --minutes 50
-    python models/shapes/train.py --resume models/shapes-sd --out /tmp/shapes-sd2 --minutes 60 --lr-min 5e-5
+    python models/shapes/train.py --resume /tmp/shapes-sd --out /tmp/shapes-sd2 --minutes 65 --lr 4e-4 --lr-min 2e-5
+    python -c "import train; train.to_f16('/tmp/shapes-sd2')"     # (or --store-f16 on the run itself)
 
 Stage 1 trains the VAE (reconstruction + a small KL), stage 2 the text encoder and UNet together on the VAE's
 latents (epsilon prediction). Fixed seeds; the exact settings are written to OUT/train_settings.json. Needs the
@@ -56,6 +57,8 @@ def main():
     ap.add_argument("--resume", default=None,
                     help="a folder written by this script: keep its VAE, continue stage 2 from its (EMA) text encoder "
                          "and UNet for --minutes")
+    ap.add_argument("--store-f16", action="store_true",
+                    help="store the final weights in f16 (halves the size; training itself is f32)")
     ap.add_argument("--lr-min", type=float, default=None,
                     help="if set, the learning rate follows a cosine from --lr down to this over the time budget")
     args = ap.parse_args()
@@ -194,6 +197,20 @@ def main():
             last_save = time.monotonic()
     save(final=True)
     shutil.rmtree(args.out + ".partial", ignore_errors=True)
+    if args.store_f16:
+        to_f16(args.out)
+
+
+def to_f16(folder: str):
+    """Rewrites every component's safetensors file of `folder` with f16 tensors."""
+    from safetensors.torch import load_file, save_file
+    for comp in ("vae", "unet", "text_encoder"):
+        d = os.path.join(folder, comp)
+        for name in os.listdir(d):
+            if name.endswith(".safetensors"):
+                p = os.path.join(d, name)
+                save_file({k: v.half().contiguous() for k, v in load_file(p).items()}, p, metadata={"format": "pt"})
+    print(f"stored {folder} in f16", flush=True)
 
 
 if __name__ == "__main__":

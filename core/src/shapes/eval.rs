@@ -134,12 +134,18 @@ impl Erasure {
     }
 
     /// The edit spec for `method` (TOML, as `unsee erase --spec` reads it): the concept prompts with their
-    /// replacements, [`EDIT_TEMPLATES`] (written to `dir/templates.txt`), and the other pairs as preserve set.
+    /// replacements, [`EDIT_TEMPLATES`] (written to `dir/templates.txt`), and the other pairs as preserve set
+    /// (except for `time`, which has none).
     pub fn spec_toml(&self, method: &str, dir: &Path) -> Result<String> {
         let templates = dir.join("templates.txt");
         std::fs::write(&templates, EDIT_TEMPLATES)
             .map_err(|e| crate::error::Error::Io { path: templates.clone(), source: e })?;
-        let preserve: Vec<String> = self.others().iter().map(|(c, s)| format!("\"{c} {s}\"")).collect();
+        // TIME has no preservation term (the spec refuses one).
+        let preserve: Vec<String> = if method == "time" {
+            vec![]
+        } else {
+            self.others().iter().map(|(c, s)| format!("\"{c} {s}\"")).collect()
+        };
         let mut spec = format!("method = \"{method}\"\ntemplates = {:?}\npreserve = [{}]\n",
                                templates.display().to_string(), preserve.join(", "));
         for ((c, s), (rc, rs)) in &self.items {
