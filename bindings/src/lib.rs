@@ -254,6 +254,9 @@ pub struct ConceptAudit {
     pub replacement: String,
     pub key_leakage: MeanWorst,
     pub noise_leakage: MeanWorst,
+    /// Noise leakage under the embedding attack (RECE's closed-form adversarial embedding); null for
+    /// text-encoder edits.
+    pub attack_noise_leakage: Option<MeanWorst>,
 }
 
 /// Relative change of one preserved prompt.
@@ -270,6 +273,7 @@ pub struct AuditReport {
     pub preserved: Vec<DriftAudit>,
     pub overall_key_leakage: MeanWorst,
     pub overall_noise_leakage: MeanWorst,
+    pub overall_attack_noise_leakage: Option<MeanWorst>,
     pub overall_key_drift: Option<MeanWorst>,
     pub overall_noise_drift: Option<MeanWorst>,
     /// The report as `unsee audit` prints it, and as its `--json`.
@@ -421,6 +425,7 @@ impl Engine {
                         replacement: c.replacement.clone(),
                         key_leakage: stat(&c.key_leakage),
                         noise_leakage: stat(&c.noise_leakage),
+                        attack_noise_leakage: c.attack_noise_leakage.as_ref().map(stat),
                     })
                     .collect(),
                 preserved: r
@@ -431,6 +436,7 @@ impl Engine {
                     .collect(),
                 overall_key_leakage: stat(&r.overall_key_leakage),
                 overall_noise_leakage: stat(&r.overall_noise_leakage),
+                overall_attack_noise_leakage: r.overall_attack_noise_leakage.as_ref().map(stat),
                 overall_key_drift: r.overall_key_drift.as_ref().map(stat),
                 overall_noise_drift: r.overall_noise_drift.as_ref().map(stat),
                 table: r.table(),

@@ -347,6 +347,13 @@ fn every_method_runs_from_the_cli_on_both_reference_models() {
             if method != "time" {
                 assert!(r["overall_key_drift"]["mean"].as_f64().unwrap().is_finite());
             }
+            // The embedding attack applies to UNet edits only.
+            let attack = &r["overall_attack_noise_leakage"];
+            if method == "erasepro-text" {
+                assert!(attack.is_null(), "{model}/{method}: {attack}");
+            } else {
+                assert!(attack["mean"].as_f64().unwrap().is_finite(), "{model}/{method}: {attack}");
+            }
         }
     }
 }

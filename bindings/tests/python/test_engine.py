@@ -140,6 +140,9 @@ class EngineTest(unittest.TestCase):
         report = engine.audit(SPEC)
         self.assertEqual([c.concept for c in report.concepts], ["red circle"])
         self.assertLess(report.overall_key_leakage.mean, 1.0)
+        # UCE edits the UNet, so the embedding attack applies.
+        self.assertIsNotNone(report.overall_attack_noise_leakage)
+        self.assertIsNotNone(report.concepts[0].attack_noise_leakage)
         self.assertIn("red circle", report.table)
         self.assertIn('"concepts"', report.json)
         self.assertEqual(engine.generate(request(), None, None).rgba, after)

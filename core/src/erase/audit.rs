@@ -6,6 +6,9 @@
 //!   1 = untouched). k′ is the key from the (possibly edited) text encoder.
 //! - End-to-end leakage: ‖ε′(x_t, t, c) − ε₀(x_t, t, r)‖ / ‖ε₀(x_t, t, c) − ε₀(x_t, t, r)‖ over fixed latents and
 //!   timesteps.
+//! - Leakage under the embedding attack ([`super::attack`]): the same end-to-end leakage with the concept prompt's
+//!   conditioning replaced by RECE's closed-form adversarial embedding c′ for the edited model,
+//!   ‖ε′(x_t, t, c′) − ε₀(x_t, t, r)‖ / ‖ε₀(x_t, t, c) − ε₀(x_t, t, r)‖; absent when the edit is not in the UNet.
 //! - Drift, per preserved prompt p: ‖W′k′_p − W₀k_p‖ / ‖W₀k_p‖ and ‖ε′(p) − ε₀(p)‖ / ‖ε₀(p)‖.
 
 use burn::tensor::{Tensor, TensorData};
@@ -37,6 +40,8 @@ pub struct ConceptReport {
     pub replacement: String,
     pub key_leakage: Stat,
     pub noise_leakage: Stat,
+    /// End-to-end leakage under the embedding attack (`None` for text-encoder edits, which it does not apply to).
+    pub attack_noise_leakage: Option<Stat>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -54,6 +59,7 @@ pub struct AuditReport {
     pub preserved: Vec<DriftReport>,
     pub overall_key_leakage: Stat,
     pub overall_noise_leakage: Stat,
+    pub overall_attack_noise_leakage: Option<Stat>,
     pub overall_key_drift: Option<Stat>,
     pub overall_noise_drift: Option<Stat>,
 }
@@ -81,21 +87,27 @@ fn snapshot(sd: &mut StableDiffusion, names: &[String], prompts: &[(String, Vec<
     }
     drop(keys);
     // Noise predictions on fixed latents, conditioned on each prompt.
+    let mut noise = vec![];
+    for (p, _) in prompts {
+        let (ctx, _) = sd.encode_prompt(p)?;
+        noise.push(noise_prediction(sd, ctx));
+    }
+    Ok(Snapshot { weights, keys: keys_out, noise })
+}
+
+/// The UNet's noise predictions for `ctx` on the audit's fixed latents, at every audit timestep.
+fn noise_prediction(sd: &StableDiffusion, ctx: Tensor<3>) -> Vec<f32> {
     let lat = sd.unet_config.sample_size.unwrap_or(8).min(16);
     let c = sd.unet_config.in_channels;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1234);
     let x: Vec<f32> = (0..c * lat * lat).map(|_| StandardNormal.sample(&mut rng)).collect();
     let x = Tensor::<4>::from_data(TensorData::new(x, [1, c, lat, lat]), sd.dev()).cast(sd.device.precision.dtype());
-    let mut noise = vec![];
-    for (p, _) in prompts {
-        let (ctx, _) = sd.encode_prompt(p)?;
-        let mut all = vec![];
-        for &t in &TIMESTEPS {
-            all.extend(crate::pipeline::to_vec(sd.unet.forward(x.clone(), t, &ctx)));
-        }
-        noise.push(all);
+    let ctx = ctx.cast(sd.device.precision.dtype());
+    let mut all = vec![];
+    for &t in &TIMESTEPS {
+        all.extend(crate::pipeline::to_vec(sd.unet.forward(x.clone(), t, &ctx)));
     }
-    Ok(Snapshot { weights, keys: keys_out, noise })
+    all
 }
 
 fn l2(v: impl Iterator<Item = f64>) -> f64 {
@@ -138,13 +150,17 @@ pub fn audit(sd: &mut StableDiffusion, spec: &Spec, apply: impl FnOnce(&mut Stab
     }
 
     let before = snapshot(sd, &names, &prompts)?;
+    let base = sd.clone(); // shares the tensors until the edit replaces some
     apply(sd)?;
     let after = snapshot(sd, &names, &prompts)?;
+    let attacked = prompts.first().is_some_and(|(p, _)| {
+        super::attack::adversarial_context(&base, sd, p, super::attack::EMBEDDING_ATTACK_LAMBDA).is_ok()
+    });
 
     let per_template = templates.len();
     let mut concepts = vec![];
     for (ci, item) in spec.erase.iter().enumerate() {
-        let (mut kl, mut nl) = (vec![], vec![]);
+        let (mut kl, mut nl, mut al) = (vec![], vec![], vec![]);
         for &(c, r) in &pairs[ci * per_template..(ci + 1) * per_template] {
             for (w0, w1) in before.weights.iter().zip(&after.weights) {
                 let (kc0, kc1, kr) = (&before.keys[c], &after.keys[c], &before.keys[r]);
@@ -160,6 +176,12 @@ pub fn audit(sd: &mut StableDiffusion, spec: &Spec, apply: impl FnOnce(&mut Stab
             let den = l2(e0c.iter().zip(e0r).map(|(a, b)| (a - b) as f64));
             if den > 1e-9 {
                 nl.push(l2(e1c.iter().zip(e0r).map(|(a, b)| (a - b) as f64)) / den);
+                if attacked {
+                    let ctx = super::attack::adversarial_context(&base, sd, &prompts[c].0,
+                                                                 super::attack::EMBEDDING_ATTACK_LAMBDA)?;
+                    let e1a = noise_prediction(sd, ctx);
+                    al.push(l2(e1a.iter().zip(e0r).map(|(a, b)| (a - b) as f64)) / den);
+                }
             }
         }
         concepts.push(ConceptReport {
@@ -167,6 +189,7 @@ pub fn audit(sd: &mut StableDiffusion, spec: &Spec, apply: impl FnOnce(&mut Stab
             replacement: item.replace_with.clone(),
             key_leakage: Stat::of(&kl, true),
             noise_leakage: Stat::of(&nl, true),
+            attack_noise_leakage: attacked.then(|| Stat::of(&al, true)),
         });
     }
     let mut preserved = vec![];
@@ -200,6 +223,9 @@ pub fn audit(sd: &mut StableDiffusion, spec: &Spec, apply: impl FnOnce(&mut Stab
         timesteps: TIMESTEPS.to_vec(),
         overall_key_leakage: all(&|c| &c.key_leakage),
         overall_noise_leakage: all(&|c| &c.noise_leakage),
+        overall_attack_noise_leakage: attacked.then(|| {
+            all(&|c| c.attack_noise_leakage.as_ref().expect("set for every concept when attacked"))
+        }),
         overall_key_drift: all_drift(&|d| &d.key_drift),
         overall_noise_drift: all_drift(&|d| &d.noise_drift),
         concepts,
@@ -212,15 +238,22 @@ impl AuditReport {
     pub fn table(&self) -> String {
         let mut s = String::new();
         s.push_str(&format!("held-out templates: {:?}\n\n", self.held_out_templates));
-        s.push_str("erased concept → replacement        key leakage (mean / worst)   noise leakage (mean / worst)\n");
+        let attack = |a: &Option<Stat>| match a {
+            Some(a) => format!("{:>8.3} / {:<8.3}", a.mean, a.worst),
+            None => format!("{:>8} / {:<8}", "n/a", "n/a"),
+        };
+        s.push_str("erased concept → replacement        key leakage (mean / worst)   noise leakage (mean / worst)   \
+                    under embedding attack\n");
         for c in &self.concepts {
             let label = format!("{} → {:?}", c.concept, c.replacement);
-            s.push_str(&format!("{label:<36} {:>8.3} / {:<8.3}            {:>8.3} / {:<8.3}\n",
-                                c.key_leakage.mean, c.key_leakage.worst, c.noise_leakage.mean, c.noise_leakage.worst));
+            s.push_str(&format!("{label:<36} {:>8.3} / {:<8.3}            {:>8.3} / {:<8.3}           {}\n",
+                                c.key_leakage.mean, c.key_leakage.worst, c.noise_leakage.mean, c.noise_leakage.worst,
+                                attack(&c.attack_noise_leakage)));
         }
-        s.push_str(&format!("{:<36} {:>8.3} / {:<8.3}            {:>8.3} / {:<8.3}\n", "overall",
+        s.push_str(&format!("{:<36} {:>8.3} / {:<8.3}            {:>8.3} / {:<8.3}           {}\n", "overall",
                             self.overall_key_leakage.mean, self.overall_key_leakage.worst,
-                            self.overall_noise_leakage.mean, self.overall_noise_leakage.worst));
+                            self.overall_noise_leakage.mean, self.overall_noise_leakage.worst,
+                            attack(&self.overall_attack_noise_leakage)));
         if !self.preserved.is_empty() {
             s.push_str("\npreserved prompt                     key drift (mean / worst)     noise drift (mean / worst)\n");
             for d in &self.preserved {
