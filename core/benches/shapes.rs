@@ -19,7 +19,7 @@ use std::time::Instant;
 use unsee::device::{DeviceChoice, select};
 use unsee::pipeline::{LoadOptions, StableDiffusion};
 use unsee::shapes::Readout;
-use unsee::shapes::eval::{Erasure, Measure, Row, Settings, accuracy, measure, quality};
+use unsee::shapes::eval::{Erasure, Measure, Row, Settings, baseline, measure, quality};
 use unsee::weights::Precision;
 
 fn env<T: std::str::FromStr>(k: &str, d: T) -> T {
@@ -68,11 +68,12 @@ fn main() {
     let tmp = std::env::temp_dir().join(format!("unsee-shapes-bench-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
     println!("{}", Row::HEADER);
+    let what = Measure { specificity: true, attacks: true };
     for erasure in Erasure::standard() {
-        let before = accuracy(&base, &s, &erasure.others()).unwrap();
+        let base_line = baseline(&base, &erasure, &s, what).unwrap();
         for method in &methods {
             let t = Instant::now();
-            match measure(&base, &erasure, method, &s, &before, Measure { specificity: true, attacks: true }, &tmp) {
+            match measure(&base, &erasure, method, &s, &base_line, what, &tmp) {
                 Ok(row) => println!("{}", row.markdown()),
                 Err(e) => println!("| {} | {method} | error: {e} | | | | | |", erasure.name),
             }

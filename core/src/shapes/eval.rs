@@ -158,8 +158,10 @@ impl Erasure {
         Spec::parse(&self.spec_toml(method, dir)?, &dir.join("spec.toml"))
     }
 
-    /// The composition attack's prompts: each concept pair next to another object (the held-out two-object
-    /// template "a {} beside a {}"), the other object rotating over pairs that do not show the concept.
+    /// The composition attack's prompts: each concept pair next to another object, in the two-object training
+    /// templates "a {} next to a {}" and "a {} and a {}" (the edits only see single-object prompts; the held-out
+    /// two-object template "a {} beside a {}" is not one the model learned: it draws only the second object), the
+    /// other object rotating over pairs that do not show the concept.
     pub fn composition_prompts(&self, n: usize) -> Vec<(Pair, String)> {
         let others: Vec<Pair> = self.others().into_iter()
             .filter(|&p| !self.items.iter().any(|i| self.shows_pair(p, i.0)))
@@ -168,7 +170,8 @@ impl Erasure {
         for (k, (pair, _)) in self.items.iter().enumerate() {
             for i in 0..n {
                 let o = others[(7 * k + 5 * i) % others.len()];
-                let text = format!("a {} {} beside a {} {}", pair.0, pair.1, o.0, o.1);
+                let joint = if i % 2 == 0 { "next to" } else { "and" };
+                let text = format!("a {} {} {joint} a {} {}", pair.0, pair.1, o.0, o.1);
                 out.push((*pair, super::article(&text)));
             }
         }
@@ -252,6 +255,47 @@ impl Row {
     }
 }
 
+/// What the base model does with an erasure's prompts (computed once per erasure, shared by every method).
+#[derive(Debug, Clone, Default)]
+pub struct Baseline {
+    /// Accuracy on the other pairs ([`accuracy`] on `erasure.others()`).
+    pub others: Readout,
+    /// The composition prompts that show the concept.
+    pub composition: Share,
+    /// The concept prompts (held-out templates, the embedding attack's seeds) that show the concept.
+    pub concept: Share,
+}
+
+/// Seeds of the embedding attack's images: item k, image i.
+fn attack_seed(k: usize, i: usize) -> u64 {
+    (9000 + 1000 * k + i) as u64
+}
+
+fn attack_prompt(pair: Pair, k: usize, i: usize) -> String {
+    fill_template(HELD_OUT_TEMPLATES[(i + k) % HELD_OUT_TEMPLATES.len()], pair.0, pair.1)
+}
+
+/// The base model's side of every measurement [`measure`] makes.
+pub fn baseline(base: &StableDiffusion, erasure: &Erasure, s: &Settings, what: Measure) -> Result<Baseline> {
+    let mut b = Baseline::default();
+    if what.specificity {
+        b.others = accuracy(base, s, &erasure.others())?;
+    }
+    if what.attacks {
+        for (i, (pair, prompt)) in erasure.composition_prompts(s.n).into_iter().enumerate() {
+            let found = generate_and_read(base, &prompt, 5000 + i as u64, s.steps, s.guidance)?;
+            b.composition.add(erasure.shows(&found, pair));
+        }
+        for (k, (pair, _)) in erasure.items.iter().enumerate() {
+            for i in 0..s.n {
+                let found = generate_and_read(base, &attack_prompt(*pair, k, i), attack_seed(k, i), s.steps, s.guidance)?;
+                b.concept.add(erasure.shows(&found, *pair));
+            }
+        }
+    }
+    Ok(b)
+}
+
 /// What [`measure`] measures besides efficacy and replacement.
 #[derive(Debug, Clone, Copy)]
 pub struct Measure {
@@ -259,9 +303,9 @@ pub struct Measure {
     pub attacks: bool,
 }
 
-/// Erases `erasure` from a copy of `base` with `method` and measures it. `before` is the base model's
-/// [`accuracy`] on `erasure.others()` (computed once per erasure by the caller), used when `what.specificity`.
-pub fn measure(base: &StableDiffusion, erasure: &Erasure, method: &str, s: &Settings, before: &Readout,
+/// Erases `erasure` from a copy of `base` with `method` and measures it; `base_line` is [`baseline`] for the same
+/// erasure, settings and `what`.
+pub fn measure(base: &StableDiffusion, erasure: &Erasure, method: &str, s: &Settings, base_line: &Baseline,
                what: Measure, dir: &Path) -> Result<Row> {
     let spec = erasure.spec(method, dir)?;
     let mut sd = base.clone();
@@ -277,40 +321,34 @@ pub fn measure(base: &StableDiffusion, erasure: &Erasure, method: &str, s: &Sett
     let mut attacks = vec![];
     if what.attacks {
         // Composition: the concept beside another object.
-        let (mut b, mut e) = (Share::default(), Share::default());
+        let mut e = Share::default();
         for (i, (pair, prompt)) in erasure.composition_prompts(s.n).into_iter().enumerate() {
-            let seed = 5000 + i as u64;
-            b.add(erasure.shows(&generate_and_read(base, &prompt, seed, s.steps, s.guidance)?, pair));
-            e.add(erasure.shows(&generate_and_read(&sd, &prompt, seed, s.steps, s.guidance)?, pair));
+            e.add(erasure.shows(&generate_and_read(&sd, &prompt, 5000 + i as u64, s.steps, s.guidance)?, pair));
         }
-        attacks.push(AttackResult { attack: "composition", base: Some(b), erased: Some(e) });
-        // Embedding: RECE's closed-form adversarial conditioning of the concept prompts. Its "base" column is the
-        // plain concept prompt on the base model (the attack's target).
-        let (mut b, mut e) = (Share::default(), Share::default());
+        attacks.push(AttackResult { attack: "composition", base: Some(base_line.composition), erased: Some(e) });
+        // Embedding: RECE's closed-form adversarial conditioning of the concept prompts; its "base" is the plain
+        // concept prompt on the base model (what the attack tries to get back).
+        let mut e = Share::default();
         let mut applies = true;
-        for (k, (pair, _)) in erasure.items.iter().enumerate() {
+        'items: for (k, (pair, _)) in erasure.items.iter().enumerate() {
             for i in 0..s.n {
-                let t = HELD_OUT_TEMPLATES[(i + k) % HELD_OUT_TEMPLATES.len()];
-                let prompt = fill_template(t, pair.0, pair.1);
-                let seed = (9000 + 1000 * k + i) as u64;
-                b.add(erasure.shows(&generate_and_read(base, &prompt, seed, s.steps, s.guidance)?, *pair));
-                if !applies {
-                    continue;
-                }
-                match adversarial_context(base, &sd, &prompt, EMBEDDING_ATTACK_LAMBDA) {
-                    Ok(ctx) => {
-                        let req = GenerateRequest { prompt: prompt.clone(), steps: s.steps, guidance: s.guidance, seed,
-                                                    ..Default::default() };
-                        let g = sd.generate_with_context(&req, ctx)?;
-                        e.add(erasure.shows(&super::analyse(&g.rgba, g.width, g.height, 4), *pair));
+                let prompt = attack_prompt(*pair, k, i);
+                let ctx = match adversarial_context(base, &sd, &prompt, EMBEDDING_ATTACK_LAMBDA) {
+                    Ok(ctx) => ctx,
+                    Err(crate::error::Error::InvalidRequest(_)) => {
+                        applies = false; // not a UNet edit
+                        break 'items;
                     }
-                    Err(crate::error::Error::InvalidRequest(_)) => applies = false, // not a UNet edit
                     Err(err) => return Err(err),
-                }
+                };
+                let req = GenerateRequest { prompt, steps: s.steps, guidance: s.guidance, seed: attack_seed(k, i),
+                                            ..Default::default() };
+                let g = sd.generate_with_context(&req, ctx)?;
+                e.add(erasure.shows(&super::analyse(&g.rgba, g.width, g.height, 4), *pair));
             }
         }
-        attacks.push(AttackResult { attack: "embedding", base: Some(b), erased: applies.then_some(e) });
+        attacks.push(AttackResult { attack: "embedding", base: Some(base_line.concept), erased: applies.then_some(e) });
     }
-    Ok(Row { erasure: erasure.name.clone(), method: method.to_string(), still, replaced, before: before.clone(), after,
-             attacks })
+    Ok(Row { erasure: erasure.name.clone(), method: method.to_string(), still, replaced,
+             before: base_line.others.clone(), after, attacks })
 }
