@@ -382,7 +382,7 @@ fn erased_text_encoder_plugs_into_the_base_model() {
 }
 
 /// Without `--model` (and without UNSEE_MODEL) unsee uses the embedded shapes model; `grid` draws the prompts
-/// before and after an erasure, and the oracle reads the erased concept in the first row and not in the second.
+/// before and after an erasure, and the oracle reads a circle in every image of the first row and none in the second.
 #[test]
 fn default_model_is_the_shapes_model_and_grid_shows_the_erasure() {
     let d = tmp("grid");
@@ -407,6 +407,7 @@ fn default_model_is_the_shapes_model_and_grid_shows_the_erasure() {
     use unsee::shapes::Shape;
     for c in 0..2 {
         let (before, after) = (cell(0, c), cell(1, c));
+        assert!(before.iter().any(|d| d.shape == Shape::Circle), "column {c}: no circle before erasure: {before:?}");
         assert!(!after.iter().any(|d| d.shape == Shape::Circle), "column {c}: a circle after erasure: {after:?}");
         eprintln!("column {c}: before {:?}, after {:?}", before.iter().map(|d| d.shape).collect::<Vec<_>>(),
                   after.iter().map(|d| d.shape).collect::<Vec<_>>());
