@@ -74,6 +74,18 @@ impl Delta {
     pub fn dense(&self) -> M {
         &self.r * self.x.transpose()
     }
+
+    /// The same ΔW with at most min(d_out, d_in) factor columns: when the factors are wider than the matrix (an
+    /// edit constrained on more keys than the width), R becomes ΔW itself and X the identity, so files and the
+    /// on-device product stay no larger than one dense matrix.
+    pub fn compact(self) -> Self {
+        let (d_out, d_in) = (self.r.nrows(), self.x.nrows());
+        if self.r.ncols() <= d_out.min(d_in) {
+            return self;
+        }
+        let r = self.dense();
+        Delta { r, x: identity(d_in), ..self }
+    }
 }
 
 /// Timings of an edit, for `--json` and the benchmark.
@@ -537,6 +549,7 @@ pub fn erase(sd: &mut StableDiffusion, spec: &Spec) -> Result<Edit> {
         timings.solve_s += t2.elapsed().as_secs_f64();
     }
     drop(keys);
+    let deltas: Vec<Delta> = deltas.into_iter().map(Delta::compact).collect();
 
     let t3 = Instant::now();
     for delta in &deltas {
@@ -805,7 +818,7 @@ fn erasepro_text(sd: &mut StableDiffusion, spec: &Spec, te_hash: String) -> Resu
         };
         let x = linalg::right_pinv_factor(&z, "erasepro-text constraints")?.subcols(0, a.ncols()).to_owned();
         let name = format!("text_model.encoder.layers.{l}.mlp.fc2");
-        let delta = Delta { component: Component::TextEncoder, name: name.clone(), r, x };
+        let delta = Delta { component: Component::TextEncoder, name: name.clone(), r, x }.compact();
         let res = linalg::frob(&(&delta.dense() * &a - (&target - &w * &a))) / linalg::frob(&target).max(1e-30);
         residuals.push((name, res));
         apply_delta(sd, &delta)?;
