@@ -89,8 +89,9 @@ pub struct Erasure {
     pub items: Vec<(Pair, Pair)>,
 }
 
-/// The templates the edits use: single-object training templates (held-out ones are kept for measuring).
-pub const EDIT_TEMPLATES: &str = "a {}\n{}\na photo of a {}\na drawing of a {}\none {}\na picture of a {}\n";
+/// The templates the edits use: single-object training templates (held-out ones are kept for measuring); the same
+/// file `models/specs/shapes-circle.toml` uses.
+pub const EDIT_TEMPLATES: &str = include_str!("../../../models/specs/shapes-templates.txt");
 
 impl Erasure {
     /// A shape, in every colour, becomes another shape.
