@@ -10,7 +10,7 @@
 //!   c′ directly ([`StableDiffusion::generate_with_context`]). An edit that only rotates the concept's keys away
 //!   (a small ‖ΔW‖) is undone by it; an edit whose erased directions are absent from W′'s row space is not. It
 //!   only attacks UNet edits: a text-encoder edit (`erasepro-text`) leaves the projections unchanged, so the
-//!   attack degenerates to "use the original text encoder", which [`adversarial_context`] refuses.
+//!   attack degenerates to "use the original text encoder": [`EmbeddingAttack::new`] returns `None` for it.
 //!
 //! (Prompt-level attacks, such as putting the concept into a composition with another object, need no engine
 //! support: they are prompts; `unsee::shapes::eval` measures one.)
@@ -32,32 +32,62 @@ fn projections(sd: &StableDiffusion) -> Vec<M> {
     names.iter().filter_map(|n| linear_mut(&mut sd, Component::Unet, n).map(|l| read_weight(l))).collect()
 }
 
-/// The adversarial conditioning `[1, 77, hidden]` for `prompt`: c′ above, with c the hidden states of `prompt`
-/// from `edited`'s text encoder (the same as the base's for UNet edits). Errors when the two models' UNet
-/// projections are identical (nothing to attack: the edit is not in the UNet) or have different shapes.
+/// The embedding attack against one edited model: the d × d operator c ↦ c′, computed once from both models'
+/// projections and then applied to any number of prompts.
+pub struct EmbeddingAttack {
+    /// (λI + Σ W′ᵀW′)⁻¹ Σ W′ᵀW₀
+    op: M,
+}
+
+impl EmbeddingAttack {
+    /// `None` when the two models' UNet projections are identical (nothing to attack: the edit is not in the
+    /// UNet); an error when they differ in shape.
+    pub fn new(base: &StableDiffusion, edited: &StableDiffusion, lambda: f64) -> Result<Option<Self>> {
+        let (w0, w1) = (projections(base), projections(edited));
+        if w0.len() != w1.len() || w0.iter().zip(&w1).any(|(a, b)| a.nrows() != b.nrows() || a.ncols() != b.ncols()) {
+            return Err(Error::InvalidRequest(
+                "the edited model's cross-attention differs in shape from the base's".into(),
+            ));
+        }
+        if w0.iter().zip(&w1).all(|(a, b)| linalg::frob(&(a - b)) == 0.0) {
+            return Ok(None);
+        }
+        let d = w0[0].ncols();
+        let mut a = identity(d) * lambda;
+        let mut b = zeros(d, d);
+        for (wb, we) in w0.iter().zip(&w1) {
+            a += we.transpose() * we;
+            b += we.transpose() * wb;
+        }
+        Ok(Some(Self { op: linalg::spd_solve(&a, &b, "embedding attack")? }))
+    }
+
+    /// The adversarial conditioning `[1, 77, hidden]` for `prompt`: c′ = op · c for every token column, with c the
+    /// hidden states of `prompt` from `edited`'s text encoder (the same as the base's for UNet edits).
+    pub fn context(&self, edited: &StableDiffusion, prompt: &str) -> Result<Tensor<3>> {
+        let (c, _) = edited.encode_prompt(prompt)?;
+        let [_, s, d] = c.dims();
+        if d != self.op.nrows() {
+            return Err(Error::InvalidRequest(format!(
+                "the attack was built for width {}, the model's text encoder has {d}", self.op.nrows()
+            )));
+        }
+        let v: Vec<f32> = c.cast(burn::tensor::DType::F32).into_data().try_to_vec::<f32>().expect("f32");
+        let c = M::from_fn(d, s, |i, j| v[j * d + i] as f64);
+        let adv = &self.op * &c;
+        let out: Vec<f32> = (0..s).flat_map(|j| (0..d).map(move |i| (j, i))).map(|(j, i)| adv[(i, j)] as f32).collect();
+        Ok(Tensor::<3>::from_data(TensorData::new(out, [1, s, d]), edited.dev()))
+    }
+}
+
+/// [`EmbeddingAttack::new`] then [`EmbeddingAttack::context`], for one prompt; refuses a model without a UNet edit.
 pub fn adversarial_context(base: &StableDiffusion, edited: &StableDiffusion, prompt: &str, lambda: f64)
     -> Result<Tensor<3>> {
-    let (w0, w1) = (projections(base), projections(edited));
-    if w0.len() != w1.len() || w0.iter().zip(&w1).any(|(a, b)| a.nrows() != b.nrows() || a.ncols() != b.ncols()) {
-        return Err(Error::InvalidRequest("the edited model's cross-attention differs in shape from the base's".into()));
-    }
-    if w0.iter().zip(&w1).all(|(a, b)| linalg::frob(&(a - b)) == 0.0) {
-        return Err(Error::InvalidRequest(
-            "the embedding attack needs a UNet edit; this model's cross-attention equals the base's".into(),
-        ));
-    }
-    let d = w0[0].ncols();
-    let mut a = identity(d) * lambda;
-    let mut b = zeros(d, d);
-    for (wb, we) in w0.iter().zip(&w1) {
-        a += we.transpose() * we;
-        b += we.transpose() * wb;
-    }
-    let (c, _) = edited.encode_prompt(prompt)?;
-    let [_, s, _] = c.dims();
-    let v: Vec<f32> = c.cast(burn::tensor::DType::F32).into_data().try_to_vec::<f32>().expect("f32");
-    let c = M::from_fn(d, s, |i, j| v[j * d + i] as f64);
-    let adv = linalg::spd_solve(&a, &(&b * &c), "embedding attack")?;
-    let out: Vec<f32> = (0..s).flat_map(|j| (0..d).map(move |i| (j, i))).map(|(j, i)| adv[(i, j)] as f32).collect();
-    Ok(Tensor::<3>::from_data(TensorData::new(out, [1, s, d]), edited.dev()))
+    EmbeddingAttack::new(base, edited, lambda)?
+        .ok_or_else(|| {
+            Error::InvalidRequest(
+                "the embedding attack needs a UNet edit; this model's cross-attention equals the base's".into(),
+            )
+        })?
+        .context(edited, prompt)
 }

@@ -153,9 +153,10 @@ pub fn audit(sd: &mut StableDiffusion, spec: &Spec, apply: impl FnOnce(&mut Stab
     let base = sd.clone(); // shares the tensors until the edit replaces some
     apply(sd)?;
     let after = snapshot(sd, &names, &prompts)?;
-    let attacked = prompts.first().is_some_and(|(p, _)| {
-        super::attack::adversarial_context(&base, sd, p, super::attack::EMBEDDING_ATTACK_LAMBDA).is_ok()
-    });
+    // Only UNet edits can be attacked this way (`None` otherwise).
+    let attack = super::attack::EmbeddingAttack::new(&base, sd, super::attack::EMBEDDING_ATTACK_LAMBDA)?;
+    drop(base);
+    let attacked = attack.is_some();
 
     let per_template = templates.len();
     let mut concepts = vec![];
@@ -176,10 +177,8 @@ pub fn audit(sd: &mut StableDiffusion, spec: &Spec, apply: impl FnOnce(&mut Stab
             let den = l2(e0c.iter().zip(e0r).map(|(a, b)| (a - b) as f64));
             if den > 1e-9 {
                 nl.push(l2(e1c.iter().zip(e0r).map(|(a, b)| (a - b) as f64)) / den);
-                if attacked {
-                    let ctx = super::attack::adversarial_context(&base, sd, &prompts[c].0,
-                                                                 super::attack::EMBEDDING_ATTACK_LAMBDA)?;
-                    let e1a = noise_prediction(sd, ctx);
+                if let Some(attack) = &attack {
+                    let e1a = noise_prediction(sd, attack.context(sd, &prompts[c].0)?);
                     al.push(l2(e1a.iter().zip(e0r).map(|(a, b)| (a - b) as f64)) / den);
                 }
             }

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use super::{COLOURS, Colour, Detection, HELD_OUT_PAIRS, HELD_OUT_TEMPLATES, Readout, SHAPES, Shape, fill_template,
             generate_and_read};
-use crate::erase::attack::{EMBEDDING_ATTACK_LAMBDA, adversarial_context};
+use crate::erase::attack::{EMBEDDING_ATTACK_LAMBDA, EmbeddingAttack};
 use crate::erase::spec::Spec;
 use crate::error::Result;
 use crate::pipeline::{GenerateRequest, StableDiffusion};
@@ -330,25 +330,20 @@ pub fn measure(base: &StableDiffusion, erasure: &Erasure, method: &str, s: &Sett
         // Embedding: RECE's closed-form adversarial conditioning of the concept prompts; its "base" is the plain
         // concept prompt on the base model (what the attack tries to get back).
         let mut e = Share::default();
-        let mut applies = true;
-        'items: for (k, (pair, _)) in erasure.items.iter().enumerate() {
+        // Only UNet edits can be attacked this way (`n/a` otherwise).
+        let attack = EmbeddingAttack::new(base, &sd, EMBEDDING_ATTACK_LAMBDA)?;
+        for (k, (pair, _)) in erasure.items.iter().enumerate() {
+            let Some(attack) = &attack else { break };
             for i in 0..s.n {
                 let prompt = attack_prompt(*pair, k, i);
-                let ctx = match adversarial_context(base, &sd, &prompt, EMBEDDING_ATTACK_LAMBDA) {
-                    Ok(ctx) => ctx,
-                    Err(crate::error::Error::InvalidRequest(_)) => {
-                        applies = false; // not a UNet edit
-                        break 'items;
-                    }
-                    Err(err) => return Err(err),
-                };
+                let ctx = attack.context(&sd, &prompt)?;
                 let req = GenerateRequest { prompt, steps: s.steps, guidance: s.guidance, seed: attack_seed(k, i),
                                             ..Default::default() };
                 let g = sd.generate_with_context(&req, ctx)?;
                 e.add(erasure.shows(&super::analyse(&g.rgba, g.width, g.height, 4), *pair));
             }
         }
-        attacks.push(AttackResult { attack: "embedding", base: Some(base_line.concept), erased: applies.then_some(e) });
+        attacks.push(AttackResult { attack: "embedding", base: Some(base_line.concept), erased: attack.map(|_| e) });
     }
     Ok(Row { erasure: erasure.name.clone(), method: method.to_string(), still, replaced,
              before: base_line.others.clone(), after, attacks })
