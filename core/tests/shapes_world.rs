@@ -56,7 +56,7 @@ fn uce_erases_circles_from_the_pictures() {
     assert!(row.drop() <= 10.0, "other pairs dropped {:.1} points", row.drop());
     let attack = |name: &str| row.attacks.iter().find(|a| a.attack == name).unwrap().clone();
     let (comp, emb) = (attack("composition"), attack("embedding"));
-    assert!(comp.base.unwrap().pct() >= 75.0, "the base model does not draw the compositions: {comp:?}");
+    assert!(comp.base.pct() >= 75.0, "the base model does not draw the compositions: {comp:?}");
     assert!(comp.erased.unwrap().pct() <= 100.0 / 6.0 + 1e-9, "circles came back beside other objects: {comp:?}");
     assert!(emb.erased.unwrap().pct() >= 50.0, "the embedding attack did not recover circles: {emb:?}");
 }

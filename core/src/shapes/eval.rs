@@ -209,7 +209,7 @@ impl Share {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct AttackResult {
     pub attack: &'static str,
-    pub base: Option<Share>,
+    pub base: Share,
     /// `None` when the attack does not apply to the method (the embedding attack on a text-encoder edit).
     pub erased: Option<Share>,
 }
@@ -243,7 +243,7 @@ impl Row {
         let attack = |name: &str| {
             self.attacks.iter().find(|a| a.attack == name).map_or("–".to_string(), |a| {
                 let f = |s: Option<Share>| s.map_or("n/a".to_string(), |s| format!("{:.1}", s.pct()));
-                format!("{} → {}", f(a.base), f(a.erased))
+                format!("{} → {}", f(Some(a.base)), f(a.erased))
             })
         };
         format!(
@@ -326,7 +326,7 @@ pub fn measure(base: &StableDiffusion, erasure: &Erasure, method: &str, s: &Sett
         for (i, (pair, prompt)) in erasure.composition_prompts(s.n).into_iter().enumerate() {
             e.add(erasure.shows(&generate_and_read(&sd, &prompt, 5000 + i as u64, s.steps, s.guidance)?, pair));
         }
-        attacks.push(AttackResult { attack: "composition", base: Some(base_line.composition), erased: Some(e) });
+        attacks.push(AttackResult { attack: "composition", base: base_line.composition, erased: Some(e) });
         // Embedding: RECE's closed-form adversarial conditioning of the concept prompts; its "base" is the plain
         // concept prompt on the base model (what the attack tries to get back).
         let mut e = Share::default();
@@ -343,7 +343,7 @@ pub fn measure(base: &StableDiffusion, erasure: &Erasure, method: &str, s: &Sett
                 e.add(erasure.shows(&super::analyse(&g.rgba, g.width, g.height, 4), *pair));
             }
         }
-        attacks.push(AttackResult { attack: "embedding", base: Some(base_line.concept), erased: attack.map(|_| e) });
+        attacks.push(AttackResult { attack: "embedding", base: base_line.concept, erased: attack.map(|_| e) });
     }
     Ok(Row { erasure: erasure.name.clone(), method: method.to_string(), still, replaced,
              before: base_line.others.clone(), after, attacks })
