@@ -21,6 +21,7 @@ fn kind(e: &UnseeError) -> &'static str {
         UnseeError::ModelNotFound(_) => "ModelNotFound",
         UnseeError::InvalidModel(_) => "InvalidModel",
         UnseeError::ErasureMismatch(_) => "ErasureMismatch",
+        UnseeError::InvalidErasureFile(_) => "InvalidErasureFile",
         UnseeError::DeviceUnavailable(_) => "DeviceUnavailable",
         UnseeError::InvalidRequest(_) => "InvalidRequest",
         UnseeError::Cancelled(_) => "Cancelled",
@@ -51,18 +52,9 @@ fn string(env: &mut JNIEnv, s: &JString, what: &str) -> Result<String, UnseeErro
     env.get_string(s).map(Into::into).map_err(|e| UnseeError::InvalidRequest(format!("{what}: {e}")))
 }
 
+/// A scheduler by the names the CLI uses (core's one table of names).
 fn scheduler(name: &str) -> Result<Scheduler, UnseeError> {
-    Ok(match name {
-        "ddim" => Scheduler::Ddim,
-        "euler-a" => Scheduler::EulerAncestral,
-        "dpmpp-2m" => Scheduler::DpmSolverMultistep,
-        "dpmpp-2m-karras" => Scheduler::DpmSolverMultistepKarras,
-        other => {
-            return Err(UnseeError::InvalidRequest(format!(
-                "unknown scheduler {other:?} (ddim, euler-a, dpmpp-2m, dpmpp-2m-karras)"
-            )));
-        }
-    })
+    name.parse::<unsee::scheduler::SchedulerKind>().map(Scheduler::from).map_err(UnseeError::InvalidRequest)
 }
 
 /// The request as the uniffi path would build it (so both paths render identical pixels). `width`/`height` ≤ 0
@@ -87,7 +79,8 @@ fn render(handle: jlong, req: &GenerateRequest, out: &mut [u8]) -> Result<(), Un
     let engine = engine_for_handle(handle)?;
     let req = req.to_core()?;
     let guard = engine.lock();
-    guard.generate_into(&req, &mut |_, _| {}, &|| false, out)?;
+    guard.generate(&req, Default::default(), &mut |_| unsee::pipeline::Control::Continue,
+                   unsee::pipeline::Target::Buffer(out))?;
     Ok(())
 }
 

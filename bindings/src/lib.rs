@@ -13,7 +13,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
-use burn::module::Module;
 use unsee::error::Error as CoreError;
 
 pub mod jni_path;
@@ -36,10 +35,14 @@ pub enum UnseeError {
     /// An erasure file computed for other base weights or another text encoder.
     #[error("{0}")]
     ErasureMismatch(String),
+    /// A file that is not a valid erasure file (wrong format or version, missing or malformed tensors): a
+    /// damaged or foreign asset, not a user error.
+    #[error("{0}")]
+    InvalidErasureFile(String),
     /// The requested device (or precision on it) is not available.
     #[error("{0}")]
     DeviceUnavailable(String),
-    /// A bad prompt, size, step count, spec or buffer.
+    /// A bad prompt, size, step count, edit spec (TOML; its errors name the line) or buffer.
     #[error("{0}")]
     InvalidRequest(String),
     /// The call was cancelled through its `CancelToken`.
@@ -65,8 +68,11 @@ impl From<CoreError> for UnseeError {
             | CoreError::CorruptWeights { .. }
             | CoreError::NonFiniteWeights { .. } => Self::InvalidModel(m),
             CoreError::ErasureMismatch { .. } => Self::ErasureMismatch(m),
+            CoreError::InvalidErasureFile { .. } => Self::InvalidErasureFile(m),
             CoreError::DeviceUnavailable(_) => Self::DeviceUnavailable(m),
-            CoreError::InvalidRequest(_) | CoreError::Tokenizer(_) => Self::InvalidRequest(m),
+            CoreError::InvalidRequest(_) | CoreError::InvalidSpec(_) | CoreError::Tokenizer(_) => {
+                Self::InvalidRequest(m)
+            }
             CoreError::Cancelled => Self::Cancelled(m),
             CoreError::Io { .. } => Self::Io(m),
             CoreError::Internal(_) => Self::Internal(m),
@@ -115,6 +121,30 @@ pub enum Scheduler {
     DpmSolverMultistep,
     /// DPM-Solver++(2M) with Karras sigmas.
     DpmSolverMultistepKarras,
+}
+
+impl From<Scheduler> for unsee::scheduler::SchedulerKind {
+    fn from(s: Scheduler) -> Self {
+        use unsee::scheduler::SchedulerKind as K;
+        match s {
+            Scheduler::Ddim => K::Ddim,
+            Scheduler::EulerAncestral => K::EulerAncestral,
+            Scheduler::DpmSolverMultistep => K::DpmSolverPP2M { karras: false },
+            Scheduler::DpmSolverMultistepKarras => K::DpmSolverPP2M { karras: true },
+        }
+    }
+}
+
+impl From<unsee::scheduler::SchedulerKind> for Scheduler {
+    fn from(k: unsee::scheduler::SchedulerKind) -> Self {
+        use unsee::scheduler::SchedulerKind as K;
+        match k {
+            K::Ddim => Scheduler::Ddim,
+            K::EulerAncestral => Scheduler::EulerAncestral,
+            K::DpmSolverPP2M { karras: false } => Scheduler::DpmSolverMultistep,
+            K::DpmSolverPP2M { karras: true } => Scheduler::DpmSolverMultistepKarras,
+        }
+    }
 }
 
 #[derive(Debug, Clone, uniffi::Record)]
@@ -170,7 +200,6 @@ pub(crate) fn non_negative(name: &str, v: i32) -> Result<usize, UnseeError> {
 
 impl GenerateRequest {
     pub(crate) fn to_core(&self) -> Result<unsee::pipeline::GenerateRequest, UnseeError> {
-        use unsee::scheduler::SchedulerKind;
         Ok(unsee::pipeline::GenerateRequest {
             prompt: self.prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),
@@ -179,12 +208,7 @@ impl GenerateRequest {
             seed: self.seed as u64,
             width: self.width.map(|w| non_negative("width", w)).transpose()?,
             height: self.height.map(|h| non_negative("height", h)).transpose()?,
-            scheduler: match self.scheduler {
-                Scheduler::Ddim => SchedulerKind::Ddim,
-                Scheduler::EulerAncestral => SchedulerKind::EulerAncestral,
-                Scheduler::DpmSolverMultistep => SchedulerKind::DpmSolverPP2M { karras: false },
-                Scheduler::DpmSolverMultistepKarras => SchedulerKind::DpmSolverPP2M { karras: true },
-            },
+            scheduler: self.scheduler.into(),
         })
     }
 }
@@ -349,8 +373,9 @@ impl Engine {
     #[uniffi::constructor]
     pub fn new(config: EngineConfig) -> Result<Arc<Self>, UnseeError> {
         guard(|| {
+            let defaults = unsee::engine::EngineOptions::default();
             let opts = unsee::engine::EngineOptions {
-                model: config.model_path.map(PathBuf::from).unwrap_or_else(unsee::model::default_model_dir),
+                model: config.model_path.map(PathBuf::from).unwrap_or(defaults.model),
                 text_encoder: config.text_encoder_path.map(PathBuf::from),
                 erasures: config.erasure_paths.iter().map(PathBuf::from).collect(),
                 device: match config.device {
@@ -362,6 +387,7 @@ impl Engine {
                     Precision::F32 => unsee::weights::Precision::F32,
                     Precision::F16 => unsee::weights::Precision::F16,
                 },
+                ..defaults
             };
             let engine = unsee::engine::Engine::open(&opts)?;
             Ok(Arc::new(Self { inner: Mutex::new(engine), jni_id: OnceLock::new() }))
@@ -374,16 +400,16 @@ impl Engine {
                     cancel: Option<Arc<CancelToken>>) -> Result<GeneratedImage, UnseeError> {
         guard(|| {
             let req = request.to_core()?;
+            let cancelled = || cancel.as_ref().is_some_and(|c| c.is_cancelled());
+            unsee::engine::check_cancelled(&cancelled)?;
             let engine = self.lock();
-            let g = engine.generate(
-                &req,
-                &mut |step, total| {
-                    if let Some(p) = &progress {
-                        p.on_step(step as i32, total as i32);
-                    }
-                },
-                &|| cancel.as_ref().is_some_and(|c| c.is_cancelled()),
-            )?;
+            let mut report = |step: usize, total: usize| {
+                if let Some(p) = &progress {
+                    p.on_step(step as i32, total as i32);
+                }
+            };
+            let g = engine.generate(&req, Default::default(), &mut unsee::engine::step_callback(&mut report, &cancelled),
+                                    unsee::pipeline::Target::Rgba)?;
             Ok(GeneratedImage { width: g.width as i32, height: g.height as i32, rgba: g.rgba })
         })
     }
@@ -448,31 +474,30 @@ impl Engine {
     /// The device, precision, components and the erasures in effect (with their concepts).
     pub fn info(&self) -> Result<EngineInfo, UnseeError> {
         guard(|| {
-            let engine = self.lock();
-            let sd = engine.model();
-            let params = |c: &str| -> i64 {
-                match c {
-                    "text_encoder" => sd.text_encoder.num_params() as i64,
-                    "unet" => sd.unet.num_params() as i64,
-                    "vae" => sd.vae.num_params() as i64,
-                    _ => (sd.text_encoder.num_params() + sd.unet.num_params() + sd.vae.num_params()) as i64,
-                }
-            };
+            let info = self.lock().info()?;
             Ok(EngineInfo {
-                model: format!("{:?}", sd.location),
-                device: sd.device.description.clone(),
-                is_gpu: sd.device.is_gpu,
-                precision: match sd.device.precision {
+                model: info.model,
+                device: info.device,
+                is_gpu: info.is_gpu,
+                precision: match info.precision {
                     unsee::weights::Precision::F32 => Precision::F32,
                     unsee::weights::Precision::F16 => Precision::F16,
                 },
-                components: sd
+                components: info
                     .files
                     .iter()
-                    .map(|(c, f)| ComponentInfo { name: c.clone(), file: path_string(f), parameters: params(c) })
+                    .map(|(c, f)| ComponentInfo {
+                        name: c.clone(),
+                        file: path_string(&f.file),
+                        // A single-file checkpoint holds all three networks.
+                        parameters: match info.parameters.get(c) {
+                            Some(&p) => p as i64,
+                            None => info.parameters.values().sum::<usize>() as i64,
+                        },
+                    })
                     .collect(),
-                erasures: engine
-                    .erasures()
+                erasures: info
+                    .erasures
                     .iter()
                     .map(|a| ErasureEntry {
                         source: a.source.as_deref().map(path_string),

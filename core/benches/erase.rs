@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use unsee::device::{DeviceChoice, select};
 use unsee::erase::{erase, spec::Spec};
-use unsee::pipeline::{LoadOptions, StableDiffusion};
+use unsee::load::{LoadOptions, StableDiffusion};
 use unsee::weights::Precision;
 
 const OBJECTS: [&str; 20] = ["cat", "dog", "house", "tree", "car", "boat", "bird", "flower", "chair", "lamp", "river",

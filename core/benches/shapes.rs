@@ -17,7 +17,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use unsee::device::{DeviceChoice, select};
-use unsee::pipeline::{LoadOptions, StableDiffusion};
+use unsee::erase::spec::Method;
+use unsee::load::{LoadOptions, StableDiffusion};
 use unsee::shapes::Readout;
 use unsee::shapes::eval::{Erasure, Measure, Row, Settings, baseline, measure, quality};
 use unsee::weights::Precision;
@@ -56,29 +57,26 @@ fn main() {
     }
 
     // 2. Erasure.
-    let methods: Vec<String> = std::env::var("UNSEE_SHAPES_METHODS")
+    let methods: Vec<Method> = std::env::var("UNSEE_SHAPES_METHODS")
         .unwrap_or_else(|_| "uce,time,speed,rece,erasepro,erasepro-text".into())
         .split(',')
         .filter(|m| !m.is_empty())
-        .map(str::to_string)
+        .map(|m| m.parse().unwrap_or_else(|e| panic!("UNSEE_SHAPES_METHODS: {e}")))
         .collect();
     if methods.is_empty() {
         return;
     }
-    let tmp = std::env::temp_dir().join(format!("unsee-shapes-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp).unwrap();
     println!("{}", Row::HEADER);
     let what = Measure { specificity: true, attacks: true };
     for erasure in Erasure::standard() {
         let base_line = baseline(&base, &erasure, &s, what).unwrap();
         for method in &methods {
             let t = Instant::now();
-            match measure(&base, &erasure, method, &s, &base_line, what, &tmp) {
+            match measure(&base, &erasure, *method, &s, &base_line, what) {
                 Ok(row) => println!("{}", row.markdown()),
                 Err(e) => println!("| {} | {method} | error: {e} | | | | | |", erasure.name),
             }
             eprintln!("{} / {method}: {:.0}s", erasure.name, t.elapsed().as_secs_f64());
         }
     }
-    std::fs::remove_dir_all(&tmp).ok();
 }

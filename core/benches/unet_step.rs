@@ -31,7 +31,7 @@ fn peak_rss_mib() -> f64 {
 /// Child mode: time one configuration and print a JSON line.
 fn child(model: &str, size: usize, steps: usize) {
     let dev = select(DeviceChoice::Cpu, Precision::F32).unwrap();
-    let (unet, cfg) = unsee::pipeline::load_unet(&PathBuf::from(model), &dev).unwrap();
+    let (unet, cfg) = unsee::load::load_unet(&PathBuf::from(model), &dev).unwrap();
     let lat = size / 8;
     let n = 2 * cfg.in_channels * lat * lat;
     let x: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.618).sin()).collect();

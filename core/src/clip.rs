@@ -59,10 +59,9 @@ pub struct ClipMlp {
 }
 
 impl ClipMlp {
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let h = self.fc1.forward(x);
-        let h = if self.quick_gelu { h.clone() * sigmoid(h * 1.702) } else { gelu(h) };
-        self.fc2.forward(h)
+    /// The activation between `fc1` and `fc2`.
+    fn act(&self, h: Tensor<3>) -> Tensor<3> {
+        if self.quick_gelu { h.clone() * sigmoid(h * 1.702) } else { gelu(h) }
     }
 }
 
@@ -83,19 +82,13 @@ impl ClipEncoderLayer {
         let h = multi_head_attention(a.q_proj.forward(h.clone()), a.k_proj.forward(h.clone()), a.v_proj.forward(h),
                                      a.heads, true);
         let mid = x + a.out_proj.forward(h);
-        let h = self.mlp.fc1.forward(self.layer_norm2.forward(mid.clone()));
-        let act = if self.mlp.quick_gelu { h.clone() * sigmoid(h * 1.702) } else { gelu(h) };
+        let act = self.mlp.act(self.mlp.fc1.forward(self.layer_norm2.forward(mid.clone())));
         (mid, act)
     }
 
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let h = self.layer_norm1.forward(x.clone());
-        let a = &self.self_attn;
-        let h = multi_head_attention(a.q_proj.forward(h.clone()), a.k_proj.forward(h.clone()), a.v_proj.forward(h),
-                                     a.heads, true);
-        let x = x + a.out_proj.forward(h);
-        let h = self.mlp.forward(self.layer_norm2.forward(x.clone()));
-        x + h
+        let (mid, act) = self.forward_parts(x);
+        mid + self.mlp.fc2.forward(act)
     }
 }
 

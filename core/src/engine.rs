@@ -1,41 +1,95 @@
-//! A loaded model plus the erasures applied to it: the stateful object behind the mobile bindings (`unsee-ffi`).
+//! The one stateful object behind every front end (the `unsee` CLI, the mobile bindings `unsee-ffi`, and any
+//! server): a loaded model plus the erasures applied to it. Rules about what may be loaded or generated live here,
+//! once.
 //!
 //! It keeps the model as loaded (base) next to the model in use (base + erasures), so that `audit` can always
 //! compare against the base weights and `generate` always uses every erasure, whether it came from a file at load
 //! or from an `erase` call.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+use burn::tensor::Tensor;
 
 use crate::device::{DeviceChoice, select};
 use crate::erase::audit::AuditReport;
 use crate::erase::spec::Spec;
 use crate::erase::{Delta, Edit, apply_delta, file};
 use crate::error::{Error, Result};
-use crate::pipeline::{Control, GenerateRequest, Generated, LoadOptions, StableDiffusion, StepEvent, Timings};
-use crate::weights::Precision;
+use crate::load::{LoadOptions, StableDiffusion};
+use crate::pipeline::{Control, GenerateRequest, Generated, Inputs, StepEvent, Target};
+use crate::tokenizer::Tokens;
+use crate::weights::{MappedSafetensors, Precision};
 
 /// What to load.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
     /// A diffusers folder, an HF-cache folder or a single-file checkpoint.
     pub model: PathBuf,
+    /// Configs and tokenizer for a single-file checkpoint (default: SD-1.5's).
+    pub config_dir: Option<PathBuf>,
     /// A text encoder that replaces the model's (see [`LoadOptions::text_encoder`]).
     pub text_encoder: Option<PathBuf>,
     /// Erasure files applied at load, in order.
     pub erasures: Vec<PathBuf>,
     pub device: DeviceChoice,
     pub precision: Precision,
+    /// Scan every weight for NaN/Inf even in large files.
+    pub check: bool,
+}
+
+impl Default for EngineOptions {
+    /// The default model ([`crate::model::default_model_dir`]) on the best device, f32.
+    fn default() -> Self {
+        Self {
+            model: crate::model::default_model_dir(),
+            config_dir: None,
+            text_encoder: None,
+            erasures: vec![],
+            device: DeviceChoice::Auto,
+            precision: Precision::F32,
+            check: false,
+        }
+    }
 }
 
 /// One erasure in effect.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct AppliedErasure {
     /// The file it came from; `None` for an edit computed by [`Engine::erase`] and not saved.
     pub source: Option<PathBuf>,
     pub method: String,
     pub concepts: Vec<String>,
     pub replacements: Vec<String>,
+    #[serde(skip)]
     deltas: Vec<Delta>,
+}
+
+/// One weight file of the loaded model.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FileInfo {
+    pub file: PathBuf,
+    /// Values per storage dtype.
+    pub dtypes: BTreeMap<String, usize>,
+}
+
+/// What `unsee info` and the bindings' `info` report.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EngineInfo {
+    pub model: String,
+    /// Parameters per network (`text_encoder`, `unet`, `vae`).
+    pub parameters: BTreeMap<String, usize>,
+    /// The weight file of each component (`checkpoint` for a single file).
+    pub files: BTreeMap<String, FileInfo>,
+    pub text_encoder: serde_json::Value,
+    pub unet: serde_json::Value,
+    pub vae: serde_json::Value,
+    pub device: String,
+    pub is_gpu: bool,
+    pub precision: Precision,
+    /// Erasures in effect, in the order they were applied.
+    pub erasures: Vec<AppliedErasure>,
 }
 
 pub struct Engine {
@@ -45,15 +99,25 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// Loads the model on the chosen device and applies the erasure files, each checked against the weights it
+    /// was computed for.
     pub fn open(opts: &EngineOptions) -> Result<Self> {
         let device = select(opts.device, opts.precision)?;
-        let load = LoadOptions { text_encoder: opts.text_encoder.clone(), ..Default::default() };
+        tracing::info!("device: {}", device.description);
+        let load = LoadOptions {
+            check: opts.check,
+            config_dir: opts.config_dir.clone(),
+            text_encoder: opts.text_encoder.clone(),
+        };
         let base = StableDiffusion::load(&opts.model, device, &load)?;
+        tracing::info!("loaded {} in {:.2}s", opts.model.display(), base.load_time.as_secs_f64());
         let mut model = base.clone();
         let mut applied = vec![];
         for path in &opts.erasures {
             let (info, deltas) = file::load(path)?;
             file::apply_checked(&mut model, path, &info, &deltas)?;
+            tracing::info!("applied {} ({}: {:?} → {:?})", path.display(), info.method, info.concepts,
+                           info.replacements);
             applied.push(AppliedErasure {
                 source: Some(path.clone()),
                 method: info.method,
@@ -74,23 +138,15 @@ impl Engine {
         &self.applied
     }
 
-    /// Generates with progress reports after every denoising step; `cancelled` is polled before the run and after
-    /// each step, and a `true` ends the call with [`Error::Cancelled`].
-    pub fn generate(&self, req: &GenerateRequest, progress: &mut dyn FnMut(usize, usize), cancelled: &dyn Fn() -> bool)
-        -> Result<Generated> {
-        if cancelled() {
-            return Err(Error::Cancelled);
-        }
-        self.model.generate(req, None, None, &mut step_callback(progress, cancelled))
+    /// Generates with the model in use (see [`StableDiffusion::generate`]).
+    pub fn generate(&self, req: &GenerateRequest, inputs: Inputs, on_step: &mut dyn FnMut(StepEvent) -> Control,
+                    target: Target) -> Result<Generated> {
+        self.model.generate(req, inputs, on_step, target)
     }
 
-    /// [`generate`](Self::generate) into a caller-owned RGBA8 buffer of exactly width × height × 4 bytes.
-    pub fn generate_into(&self, req: &GenerateRequest, progress: &mut dyn FnMut(usize, usize),
-                         cancelled: &dyn Fn() -> bool, out: &mut [u8]) -> Result<Timings> {
-        if cancelled() {
-            return Err(Error::Cancelled);
-        }
-        self.model.generate_into(req, &mut step_callback(progress, cancelled), out)
+    /// The text encoder's `last_hidden_state` `[1, 77, hidden]` for `prompt`, and its tokens.
+    pub fn encode_prompt(&self, prompt: &str) -> Result<(Tensor<3>, Tokens)> {
+        self.model.encode_prompt(prompt)
     }
 
     /// Computes the edit `spec` describes on the model in use, applies it, and (if `save_to` is given) writes it
@@ -112,6 +168,12 @@ impl Engine {
         Ok(edit)
     }
 
+    /// Writes a complete diffusers folder with every erasure in effect baked into the weights.
+    pub fn bake(&self, out: &Path) -> Result<()> {
+        let deltas: Vec<Delta> = self.applied.iter().flat_map(|a| a.deltas.iter().cloned()).collect();
+        file::bake(&self.base, &deltas, out)
+    }
+
     /// Audits, against the base weights, the erasures in effect — or, when there are none, the edit `spec`
     /// describes — on the concepts and preserve set of `spec`. The model in use is not changed.
     pub fn audit(&self, spec: &Spec) -> Result<AuditReport> {
@@ -126,14 +188,57 @@ impl Engine {
             Ok(())
         })
     }
+
+    /// The model, its files and configs, the device and the erasures in effect.
+    pub fn info(&self) -> Result<EngineInfo> {
+        let sd = &self.model;
+        let parameters = BTreeMap::from([
+            ("text_encoder".to_string(), sd.text_encoder.num_params()),
+            ("unet".to_string(), sd.unet.num_params()),
+            ("vae".to_string(), sd.vae.num_params()),
+        ]);
+        let mut files = BTreeMap::new();
+        for (c, f) in &sd.files {
+            files.insert(c.clone(), FileInfo { file: f.clone(), dtypes: MappedSafetensors::open(f)?.dtypes() });
+        }
+        Ok(EngineInfo {
+            model: format!("{:?}", sd.location),
+            parameters,
+            files,
+            text_encoder: serde_json::json!({
+                "hidden_size": sd.text_config.hidden_size, "layers": sd.text_config.num_hidden_layers,
+                "heads": sd.text_config.num_attention_heads, "act": sd.text_config.hidden_act,
+                "vocab": sd.tokenizer.vocab_size()}),
+            unet: serde_json::json!({
+                "block_out_channels": sd.unet_config.block_out_channels,
+                "down_block_types": sd.unet_config.down_block_types,
+                "cross_attention_dim": sd.unet_config.cross_attention_dim,
+                "sample_size": sd.unet_config.sample_size}),
+            vae: serde_json::json!({
+                "block_out_channels": sd.vae_config.block_out_channels,
+                "scaling_factor": sd.vae_config.scaling_factor,
+                "scale_factor": sd.vae_config.scale_factor()}),
+            device: sd.device.description.clone(),
+            is_gpu: sd.device.is_gpu,
+            precision: sd.device.precision,
+            erasures: self.applied.clone(),
+        })
+    }
 }
 
-fn step_callback<'a>(progress: &'a mut dyn FnMut(usize, usize), cancelled: &'a dyn Fn() -> bool)
+/// A step callback for front ends: reports `progress(step, total)` after each step and stops with
+/// [`Error::Cancelled`] once `cancelled()` is true.
+pub fn step_callback<'a>(progress: &'a mut dyn FnMut(usize, usize), cancelled: &'a dyn Fn() -> bool)
     -> impl FnMut(StepEvent) -> Control + 'a {
     move |ev: StepEvent| {
         progress(ev.step, ev.total);
         if cancelled() { Control::Cancel } else { Control::Continue }
     }
+}
+
+/// [`Error::Cancelled`] if `cancelled()` already holds: front ends check it before starting work.
+pub fn check_cancelled(cancelled: &dyn Fn() -> bool) -> Result<()> {
+    if cancelled() { Err(Error::Cancelled) } else { Ok(()) }
 }
 
 #[cfg(test)]

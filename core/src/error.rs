@@ -32,9 +32,19 @@ pub enum Error {
     #[error("{}: erasure mismatch: {message}", file.display())]
     ErasureMismatch { file: PathBuf, message: String },
 
+    /// A file that is not a valid erasure file (wrong format or version, missing or malformed tensors).
+    #[error("{}: not a valid erasure file: {message}", file.display())]
+    InvalidErasureFile { file: PathBuf, message: String },
+
+    /// An edit spec that cannot be used (unknown method, a value out of range, a concept both erased and
+    /// preserved…); TOML specs name the line.
+    #[error("invalid spec: {0}")]
+    InvalidSpec(String),
+
     #[error("device unavailable: {0}")]
     DeviceUnavailable(String),
 
+    /// A bad generation request or input: prompt, size, step count, guidance, latents, output buffer.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
 

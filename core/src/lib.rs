@@ -2,16 +2,18 @@
 //! diffusers checkpoint keys, proven equal to diffusers by the tests in `core/tests/`.
 
 pub mod clip;
-pub mod erase;
 pub mod compvis;
+pub mod erase;
 pub mod device;
 pub mod engine;
 pub mod error;
+pub mod load;
 pub mod model;
 pub mod nn;
 pub mod pipeline;
 pub mod scheduler;
 pub mod shapes;
+pub mod tensor;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

@@ -15,27 +15,49 @@ pub enum SchedulerKind {
     DpmSolverPP2M { karras: bool },
 }
 
+impl SchedulerKind {
+    /// Every scheduler, in the order their names are listed.
+    pub const ALL: [SchedulerKind; 4] = [
+        Self::Ddim,
+        Self::EulerAncestral,
+        Self::DpmSolverPP2M { karras: false },
+        Self::DpmSolverPP2M { karras: true },
+    ];
+
+    /// The name the CLI, the JNI path and the files use (the one table of scheduler names).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ddim => "ddim",
+            Self::EulerAncestral => "euler-a",
+            Self::DpmSolverPP2M { karras: false } => "dpmpp-2m",
+            Self::DpmSolverPP2M { karras: true } => "dpmpp-2m-karras",
+        }
+    }
+
+    /// Other spellings accepted for a name.
+    fn aliases(self) -> &'static [&'static str] {
+        match self {
+            Self::Ddim => &[],
+            Self::EulerAncestral => &["euler_a", "euler-ancestral"],
+            Self::DpmSolverPP2M { karras: false } => &["dpm++2m", "dpmpp_2m"],
+            Self::DpmSolverPP2M { karras: true } => &["dpmpp_2m_karras"],
+        }
+    }
+}
+
 impl std::str::FromStr for SchedulerKind {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "ddim" => Ok(Self::Ddim),
-            "euler-a" | "euler_a" | "euler-ancestral" => Ok(Self::EulerAncestral),
-            "dpmpp-2m" | "dpm++2m" | "dpmpp_2m" => Ok(Self::DpmSolverPP2M { karras: false }),
-            "dpmpp-2m-karras" | "dpmpp_2m_karras" => Ok(Self::DpmSolverPP2M { karras: true }),
-            _ => Err(format!("unknown scheduler {s:?}: expected ddim, euler-a, dpmpp-2m or dpmpp-2m-karras")),
-        }
+        Self::ALL.into_iter().find(|k| k.name() == s || k.aliases().contains(&s)).ok_or_else(|| {
+            let names: Vec<&str> = Self::ALL.iter().map(|k| k.name()).collect();
+            format!("unknown scheduler {s:?}: expected one of {}", names.join(", "))
+        })
     }
 }
 
 impl std::fmt::Display for SchedulerKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Ddim => "ddim",
-            Self::EulerAncestral => "euler-a",
-            Self::DpmSolverPP2M { karras: false } => "dpmpp-2m",
-            Self::DpmSolverPP2M { karras: true } => "dpmpp-2m-karras",
-        })
+        f.write_str(self.name())
     }
 }
 
@@ -48,21 +70,44 @@ fn d_beta_start() -> f64 {
 fn d_beta_end() -> f64 {
     0.02
 }
-fn d_schedule() -> String {
-    "linear".into()
-}
 fn d_true() -> bool {
     true
 }
 fn d_one() -> f64 {
     1.0
 }
-fn d_eps() -> String {
-    "epsilon".into()
+
+/// `beta_schedule`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BetaSchedule {
+    #[default]
+    Linear,
+    ScaledLinear,
+    SquaredcosCapV2,
+}
+
+/// `prediction_type`: what the UNet predicts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PredictionType {
+    #[default]
+    Epsilon,
+    VPrediction,
+}
+
+/// `timestep_spacing`: how the inference timesteps are laid over the training ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimestepSpacing {
+    Leading,
+    Trailing,
+    Linspace,
 }
 
 /// `scheduler_config.json`. Keys a scheduler class does not know are ignored, as in diffusers' `from_config`;
 /// `timestep_spacing` falls back to each class's own default when absent (DDIM: leading, others: linspace).
+/// Unknown values of the enumerated keys are refused when the config is read.
 #[derive(Debug, Clone, Deserialize)]
 pub struct SchedulerConfig {
     #[serde(default = "d_train")]
@@ -71,8 +116,8 @@ pub struct SchedulerConfig {
     pub beta_start: f64,
     #[serde(default = "d_beta_end")]
     pub beta_end: f64,
-    #[serde(default = "d_schedule")]
-    pub beta_schedule: String,
+    #[serde(default)]
+    pub beta_schedule: BetaSchedule,
     #[serde(default)]
     pub trained_betas: Option<Vec<f64>>,
     #[serde(default)]
@@ -83,10 +128,10 @@ pub struct SchedulerConfig {
     pub clip_sample: bool,
     #[serde(default = "d_one")]
     pub clip_sample_range: f64,
-    #[serde(default = "d_eps")]
-    pub prediction_type: String,
     #[serde(default)]
-    pub timestep_spacing: Option<String>,
+    pub prediction_type: PredictionType,
+    #[serde(default)]
+    pub timestep_spacing: Option<TimestepSpacing>,
     #[serde(default)]
     pub rescale_betas_zero_snr: bool,
     #[serde(default)]
@@ -100,24 +145,18 @@ impl Default for SchedulerConfig {
             num_train_timesteps: 1000,
             beta_start: 0.00085,
             beta_end: 0.012,
-            beta_schedule: "scaled_linear".into(),
+            beta_schedule: BetaSchedule::ScaledLinear,
             trained_betas: None,
             steps_offset: 1,
             set_alpha_to_one: false,
             clip_sample: false,
             clip_sample_range: 1.0,
-            prediction_type: "epsilon".into(),
+            prediction_type: PredictionType::Epsilon,
             timestep_spacing: None,
             rescale_betas_zero_snr: false,
             thresholding: false,
         }
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Prediction {
-    Epsilon,
-    V,
 }
 
 impl SchedulerConfig {
@@ -127,18 +166,17 @@ impl SchedulerConfig {
         let betas: Vec<f64> = if let Some(b) = &self.trained_betas {
             b.clone()
         } else {
-            match self.beta_schedule.as_str() {
-                "linear" => linspace(self.beta_start, self.beta_end, n),
-                "scaled_linear" => {
+            match self.beta_schedule {
+                BetaSchedule::Linear => linspace(self.beta_start, self.beta_end, n),
+                BetaSchedule::ScaledLinear => {
                     linspace(self.beta_start.sqrt(), self.beta_end.sqrt(), n).into_iter().map(|b| b * b).collect()
                 }
-                "squaredcos_cap_v2" => (0..n)
+                BetaSchedule::SquaredcosCapV2 => (0..n)
                     .map(|i| {
                         let f = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2).cos().powi(2);
                         (1.0 - f((i + 1) as f64 / n as f64) / f(i as f64 / n as f64)).min(0.999)
                     })
                     .collect(),
-                other => return Err(Error::invalid_model("scheduler_config.json", format!("beta_schedule {other}"))),
             }
         };
         let mut acc = 1.0;
@@ -148,26 +186,27 @@ impl SchedulerConfig {
         }).collect())
     }
 
-    fn validate(&self) -> Result<Prediction> {
+    fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::invalid_model("scheduler_config.json", m));
         if self.rescale_betas_zero_snr || self.thresholding {
-            return Err(Error::invalid_model("scheduler_config.json",
-                "rescale_betas_zero_snr and thresholding are not supported"));
+            return bad("rescale_betas_zero_snr and thresholding are not supported".into());
         }
-        match self.prediction_type.as_str() {
-            "epsilon" => Ok(Prediction::Epsilon),
-            "v_prediction" => Ok(Prediction::V),
-            other => Err(Error::invalid_model("scheduler_config.json", format!("prediction_type {other}"))),
+        if !(2..=MAX_TRAIN_TIMESTEPS).contains(&self.num_train_timesteps) {
+            return bad(format!("num_train_timesteps {} is not in 2..={MAX_TRAIN_TIMESTEPS}", self.num_train_timesteps));
         }
-    }
-
-    fn spacing(&self, default: &str) -> Result<String> {
-        let s = self.timestep_spacing.clone().unwrap_or_else(|| default.to_string());
-        match s.as_str() {
-            "leading" | "trailing" | "linspace" => Ok(s),
-            _ => Err(Error::invalid_model("scheduler_config.json", format!("timestep_spacing {s}"))),
+        if let Some(b) = &self.trained_betas
+            && (b.len() != self.num_train_timesteps || b.iter().any(|x| !(*x > 0.0 && *x < 1.0)))
+        {
+            return bad(format!("trained_betas must hold num_train_timesteps ({}) values in (0, 1)",
+                               self.num_train_timesteps));
         }
+        Ok(())
     }
 }
+
+/// The largest `num_train_timesteps` accepted (SD uses 1000); larger values are refused before anything is
+/// allocated.
+pub const MAX_TRAIN_TIMESTEPS: usize = 100_000;
 
 fn linspace(a: f64, b: f64, n: usize) -> Vec<f64> {
     if n == 1 {
@@ -180,6 +219,41 @@ fn linspace(a: f64, b: f64, n: usize) -> Vec<f64> {
 fn round_even(x: f64) -> f64 {
     let r = x.round();
     if (x - x.trunc()).abs() == 0.5 { 2.0 * (x / 2.0).round() } else { r }
+}
+
+/// How a grid's `linspace` points become timesteps.
+#[derive(Clone, Copy)]
+enum Rounding {
+    /// `.round()` (half to even).
+    Even,
+    /// `np.linspace(..., dtype=float32)`: the timesteps themselves are f32 values (Euler).
+    F32,
+}
+
+/// diffusers' `set_timesteps` grids, descending, `steps` long. DPM-Solver lays `steps + 1` points (`extra` = 1)
+/// and drops the last; the others lay `steps`.
+fn timestep_grid(spacing: TimestepSpacing, n_train: usize, steps: usize, extra: usize, offset: f64,
+                 rounding: Rounding) -> Vec<f64> {
+    let points = steps + extra;
+    match spacing {
+        TimestepSpacing::Leading => {
+            let ratio = n_train / points;
+            (0..points).rev().take(steps).map(|i| round_even((i * ratio) as f64) + offset).collect()
+        }
+        TimestepSpacing::Trailing => {
+            let r = n_train as f64 / steps as f64;
+            (0..steps).map(|i| round_even(n_train as f64 - i as f64 * r) - 1.0).collect()
+        }
+        TimestepSpacing::Linspace => linspace(0.0, (n_train - 1) as f64, points)
+            .into_iter()
+            .rev()
+            .take(steps)
+            .map(|t| match rounding {
+                Rounding::Even => round_even(t),
+                Rounding::F32 => t as f32 as f64,
+            })
+            .collect(),
+    }
 }
 
 /// `np.interp(x, arange(len(ys)), ys)`.
@@ -196,23 +270,25 @@ fn interp(x: f64, ys: &[f64]) -> f64 {
     ys[i] * (1.0 - w) + ys[i + 1] * w
 }
 
+/// What each scheduler keeps between steps.
+enum State {
+    /// DDIM: ᾱ used after the last step, gap between consecutive timesteps, x₀ clipping.
+    Ddim { final_alpha_cumprod: f64, step_ratio: usize, clip_sample: Option<f64> },
+    /// Euler ancestral: σ per step plus the final σ.
+    EulerAncestral { sigmas: Vec<f64> },
+    /// DPM-Solver++(2M): σ per step plus the final σ, previous data predictions (x₀, most recent last).
+    DpmSolverPP2M { sigmas: Vec<f64>, model_outputs: Vec<Tensor<4>>, lower_order_nums: usize },
+}
+
 /// A denoising schedule: which timesteps the UNet sees and how a noise prediction updates the sample.
 pub struct Scheduler {
     pub kind: SchedulerKind,
     /// Timesteps passed to the UNet, in order.
     pub timesteps: Vec<f64>,
     pub init_noise_sigma: f64,
-    prediction: Prediction,
+    prediction: PredictionType,
     alphas_cumprod: Vec<f64>,
-    /// σ per step plus the final σ (Euler ancestral, DPM-Solver).
-    sigmas: Vec<f64>,
-    /// DDIM: ᾱ used after the last step; gap between consecutive timesteps.
-    final_alpha_cumprod: f64,
-    step_ratio: usize,
-    clip_sample: Option<f64>,
-    /// DPM-Solver: previous data predictions (x₀), most recent last.
-    model_outputs: Vec<Tensor<4>>,
-    lower_order_nums: usize,
+    state: State,
 }
 
 impl Scheduler {
@@ -224,68 +300,34 @@ impl Scheduler {
         if steps > n_train {
             return Err(Error::InvalidRequest(format!("steps ({steps}) cannot exceed num_train_timesteps ({n_train})")));
         }
-        let prediction = cfg.validate()?;
+        cfg.validate()?;
         let ac = cfg.alphas_cumprod()?;
         let train_sigmas: Vec<f64> = ac.iter().map(|a| ((1.0 - a) / a).sqrt()).collect();
-        let mut s = Self {
-            kind,
-            timesteps: vec![],
-            init_noise_sigma: 1.0,
-            prediction,
-            alphas_cumprod: ac.clone(),
-            sigmas: vec![],
-            final_alpha_cumprod: if cfg.set_alpha_to_one { 1.0 } else { ac[0] },
-            step_ratio: n_train / steps,
-            clip_sample: cfg.clip_sample.then_some(cfg.clip_sample_range),
-            model_outputs: vec![],
-            lower_order_nums: 0,
-        };
         let off = cfg.steps_offset as f64;
-        match kind {
+        let (timesteps, init_noise_sigma, state) = match kind {
             SchedulerKind::Ddim => {
-                let spacing = cfg.spacing("leading")?;
-                s.timesteps = match spacing.as_str() {
-                    "leading" => (0..steps).rev().map(|i| round_even((i * (n_train / steps)) as f64) + off).collect(),
-                    "trailing" => {
-                        let r = n_train as f64 / steps as f64;
-                        (0..steps).map(|i| round_even(n_train as f64 - i as f64 * r) - 1.0).collect()
-                    }
-                    _ => linspace(0.0, (n_train - 1) as f64, steps).into_iter().rev().map(round_even).collect(),
+                let spacing = cfg.timestep_spacing.unwrap_or(TimestepSpacing::Leading);
+                let timesteps = timestep_grid(spacing, n_train, steps, 0, off, Rounding::Even);
+                let state = State::Ddim {
+                    final_alpha_cumprod: if cfg.set_alpha_to_one { 1.0 } else { ac[0] },
+                    step_ratio: n_train / steps,
+                    clip_sample: cfg.clip_sample.then_some(cfg.clip_sample_range),
                 };
+                (timesteps, 1.0, state)
             }
             SchedulerKind::EulerAncestral => {
-                let spacing = cfg.spacing("linspace")?;
-                s.timesteps = match spacing.as_str() {
-                    "leading" => (0..steps).rev().map(|i| round_even((i * (n_train / steps)) as f64) + off).collect(),
-                    "trailing" => {
-                        let r = n_train as f64 / steps as f64;
-                        (0..steps).map(|i| round_even(n_train as f64 - i as f64 * r) - 1.0).collect()
-                    }
-                    // np.linspace(..., dtype=float32): the timesteps themselves are f32 values.
-                    _ => linspace(0.0, (n_train - 1) as f64, steps).into_iter().rev().map(|t| t as f32 as f64).collect(),
-                };
-                s.sigmas = s.timesteps.iter().map(|&t| interp(t, &train_sigmas) as f32 as f64).collect();
-                s.sigmas.push(0.0);
-                let max = s.sigmas.iter().cloned().fold(0.0, f64::max);
-                s.init_noise_sigma = if spacing == "leading" { (max * max + 1.0).sqrt() } else { max };
+                let spacing = cfg.timestep_spacing.unwrap_or(TimestepSpacing::Linspace);
+                let timesteps = timestep_grid(spacing, n_train, steps, 0, off, Rounding::F32);
+                let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| interp(t, &train_sigmas) as f32 as f64).collect();
+                sigmas.push(0.0);
+                let max = sigmas.iter().cloned().fold(0.0, f64::max);
+                let init = if spacing == TimestepSpacing::Leading { (max * max + 1.0).sqrt() } else { max };
+                (timesteps, init, State::EulerAncestral { sigmas })
             }
             SchedulerKind::DpmSolverPP2M { karras } => {
-                let spacing = cfg.spacing("linspace")?;
-                let last = n_train; // lambda_min_clipped = -inf
-                let mut ts: Vec<f64> = match spacing.as_str() {
-                    "linspace" => {
-                        let g = linspace(0.0, (last - 1) as f64, steps + 1);
-                        g.into_iter().rev().take(steps).map(round_even).collect()
-                    }
-                    "leading" => {
-                        let r = last / (steps + 1);
-                        (1..=steps).rev().map(|i| (i * r) as f64 + off).collect()
-                    }
-                    _ => {
-                        let r = n_train as f64 / steps as f64;
-                        (0..steps).map(|i| round_even(last as f64 - i as f64 * r) - 1.0).collect()
-                    }
-                };
+                // lambda_min_clipped = -inf: the grid spans all training timesteps.
+                let spacing = cfg.timestep_spacing.unwrap_or(TimestepSpacing::Linspace);
+                let mut ts = timestep_grid(spacing, n_train, steps, 1, off, Rounding::Even);
                 let sigmas: Vec<f64> = if karras {
                     let (smin, smax) = (train_sigmas[0], train_sigmas[n_train - 1]);
                     let rho = 7.0;
@@ -300,23 +342,30 @@ impl Scheduler {
                     ts.iter().map(|&t| interp(t, &train_sigmas)).collect()
                 };
                 // diffusers stores σ as float32.
-                s.sigmas = sigmas.into_iter().map(|x| x as f32 as f64).collect();
-                s.sigmas.push(0.0); // final_sigmas_type = "zero"
-                s.timesteps = ts;
+                let mut sigmas: Vec<f64> = sigmas.into_iter().map(|x| x as f32 as f64).collect();
+                sigmas.push(0.0); // final_sigmas_type = "zero"
+                (ts, 1.0, State::DpmSolverPP2M { sigmas, model_outputs: vec![], lower_order_nums: 0 })
             }
+        };
+        // `leading` spacing plus `steps_offset` can step past the schedule (e.g. 1000 steps of 1000 with offset 1).
+        if let Some(t) = timesteps.iter().find(|&&t| !(t >= 0.0 && t < n_train as f64)) {
+            return Err(Error::InvalidRequest(format!(
+                "{steps} steps put timestep {t} outside the model's schedule (0..{n_train}, steps_offset {}); use fewer \
+                 steps", cfg.steps_offset
+            )));
         }
-        Ok(s)
+        Ok(Self { kind, timesteps, init_noise_sigma, prediction: cfg.prediction_type, alphas_cumprod: ac, state })
     }
 
     pub fn needs_noise(&self) -> bool {
-        matches!(self.kind, SchedulerKind::EulerAncestral)
+        matches!(self.state, State::EulerAncestral { .. })
     }
 
     /// The UNet input for step `i` (Euler: x / √(σ²+1); others: unchanged).
     pub fn scale_model_input(&self, sample: Tensor<4>, i: usize) -> Tensor<4> {
-        match self.kind {
-            SchedulerKind::EulerAncestral => {
-                let sigma = self.sigmas[i];
+        match &self.state {
+            State::EulerAncestral { sigmas } => {
+                let sigma = sigmas[i];
                 sample / ((sigma * sigma + 1.0).sqrt() as f32)
             }
             _ => sample,
@@ -326,102 +375,113 @@ impl Scheduler {
     /// One denoising update from step `i` to `i+1`. `noise` (same shape as `sample`) is required by ancestral
     /// samplers and ignored otherwise.
     pub fn step(&mut self, model_output: Tensor<4>, i: usize, sample: Tensor<4>, noise: Option<Tensor<4>>) -> Tensor<4> {
-        match self.kind {
-            SchedulerKind::Ddim => self.ddim_step(model_output, i, sample),
-            SchedulerKind::EulerAncestral => self.euler_a_step(model_output, i, sample, noise),
-            SchedulerKind::DpmSolverPP2M { .. } => self.dpm_step(model_output, i, sample),
-        }
-    }
-
-    /// DDIM (Song et al., 2021) with η = 0.
-    fn ddim_step(&self, eps: Tensor<4>, i: usize, x: Tensor<4>) -> Tensor<4> {
-        let t = self.timesteps[i] as i64;
-        let prev_t = t - self.step_ratio as i64;
-        let a_t = self.alphas_cumprod[t as usize];
-        let a_prev = if prev_t >= 0 { self.alphas_cumprod[prev_t as usize] } else { self.final_alpha_cumprod };
-        let b_t = 1.0 - a_t;
-        let (mut x0, eps) = match self.prediction {
-            Prediction::Epsilon => ((x - eps.clone() * b_t.sqrt() as f32) / a_t.sqrt() as f32, eps),
-            Prediction::V => (
-                x.clone() * a_t.sqrt() as f32 - eps.clone() * b_t.sqrt() as f32,
-                eps * a_t.sqrt() as f32 + x * b_t.sqrt() as f32,
-            ),
-        };
-        if let Some(r) = self.clip_sample {
-            x0 = x0.clamp(-r as f32, r as f32);
-        }
-        x0 * a_prev.sqrt() as f32 + eps * (1.0 - a_prev).sqrt() as f32
-    }
-
-    /// Euler ancestral (Karras et al., 2022, with the ancestral noise of k-diffusion).
-    fn euler_a_step(&self, out: Tensor<4>, i: usize, x: Tensor<4>, noise: Option<Tensor<4>>) -> Tensor<4> {
-        let sigma = self.sigmas[i];
-        let x0 = match self.prediction {
-            Prediction::Epsilon => x.clone() - out * sigma as f32,
-            Prediction::V => {
-                out * (-sigma / (sigma * sigma + 1.0).sqrt()) as f32 + x.clone() / (sigma * sigma + 1.0) as f32
-            }
-        };
-        let (s_from, s_to) = (sigma, self.sigmas[i + 1]);
-        let sigma_up = (s_to * s_to * (s_from * s_from - s_to * s_to) / (s_from * s_from)).sqrt();
-        let sigma_down = (s_to * s_to - sigma_up * sigma_up).sqrt();
-        let derivative = (x.clone() - x0) / sigma as f32;
-        let prev = x + derivative * (sigma_down - sigma) as f32;
-        match noise {
-            Some(n) if sigma_up > 0.0 => prev + n * sigma_up as f32,
-            _ => prev,
-        }
-    }
-
-    fn alpha_sigma(sigma: f64) -> (f64, f64) {
-        let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
-        (alpha, sigma * alpha)
-    }
-
-    /// DPM-Solver++(2M) (Lu et al., 2022), midpoint form, first order at the first and last steps
-    /// (`lower_order_final`, `final_sigmas_type = "zero"`).
-    fn dpm_step(&mut self, out: Tensor<4>, i: usize, x: Tensor<4>) -> Tensor<4> {
         let n = self.timesteps.len();
-        let (alpha_s0, sigma_s0) = Self::alpha_sigma(self.sigmas[i]);
-        let x0 = match self.prediction {
-            Prediction::Epsilon => (x.clone() - out * sigma_s0 as f32) / alpha_s0 as f32,
-            Prediction::V => x.clone() * alpha_s0 as f32 - out * sigma_s0 as f32,
-        };
-        self.model_outputs.push(x0.clone());
-        if self.model_outputs.len() > 2 {
-            self.model_outputs.remove(0);
-        }
-        let lower_order_final = i == n - 1; // final σ is zero
-        let lower_order_second = i + 2 == n && n < 15;
-        let (alpha_t, sigma_t) = Self::alpha_sigma(self.sigmas[i + 1]);
-        let result = if self.sigmas[i + 1] == 0.0 {
-            // λ_t = ∞: the first-order update reduces to the data prediction.
-            x0
-        } else {
-            let lambda = |a: f64, s: f64| a.ln() - s.ln();
-            let lambda_t = lambda(alpha_t, sigma_t);
-            let lambda_s0 = lambda(alpha_s0, sigma_s0);
-            let h = lambda_t - lambda_s0;
-            let c_x = sigma_t / sigma_s0;
-            let c_d = alpha_t * ((-h).exp() - 1.0);
-            if self.lower_order_nums < 1 || lower_order_final {
-                x * c_x as f32 - x0 * c_d as f32
-            } else {
-                let _ = lower_order_second; // order 2 is the maximum here, so the "second to last" rule changes nothing
-                let (alpha_s1, sigma_s1) = Self::alpha_sigma(self.sigmas[i - 1]);
-                let lambda_s1 = lambda(alpha_s1, sigma_s1);
-                let r0 = (lambda_s0 - lambda_s1) / h;
-                let m0 = x0;
-                let m1 = self.model_outputs[0].clone();
-                let d1 = (m0.clone() - m1) / r0 as f32;
-                x * c_x as f32 - m0 * c_d as f32 - d1 * (0.5 * c_d) as f32
+        let t = self.timesteps[i];
+        let prediction = self.prediction;
+        match &mut self.state {
+            State::Ddim { final_alpha_cumprod, step_ratio, clip_sample } => {
+                ddim_step(&self.alphas_cumprod, prediction, *final_alpha_cumprod, *step_ratio, *clip_sample,
+                          model_output, t, sample)
             }
-        };
-        if self.lower_order_nums < 2 {
-            self.lower_order_nums += 1;
+            State::EulerAncestral { sigmas } => euler_a_step(sigmas, prediction, model_output, i, sample, noise),
+            State::DpmSolverPP2M { sigmas, model_outputs, lower_order_nums } => {
+                dpm_step(sigmas, model_outputs, lower_order_nums, prediction, model_output, i, n, sample)
+            }
         }
-        result
     }
+}
+
+/// DDIM (Song et al., 2021) with η = 0.
+#[allow(clippy::too_many_arguments)]
+fn ddim_step(alphas_cumprod: &[f64], prediction: PredictionType, final_alpha_cumprod: f64, step_ratio: usize,
+             clip_sample: Option<f64>, eps: Tensor<4>, t: f64, x: Tensor<4>) -> Tensor<4> {
+    let t = t as i64;
+    let prev_t = t - step_ratio as i64;
+    let a_t = alphas_cumprod[t as usize];
+    let a_prev = if prev_t >= 0 { alphas_cumprod[prev_t as usize] } else { final_alpha_cumprod };
+    let b_t = 1.0 - a_t;
+    let (mut x0, eps) = match prediction {
+        PredictionType::Epsilon => ((x - eps.clone() * b_t.sqrt() as f32) / a_t.sqrt() as f32, eps),
+        PredictionType::VPrediction => (
+            x.clone() * a_t.sqrt() as f32 - eps.clone() * b_t.sqrt() as f32,
+            eps * a_t.sqrt() as f32 + x * b_t.sqrt() as f32,
+        ),
+    };
+    if let Some(r) = clip_sample {
+        x0 = x0.clamp(-r as f32, r as f32);
+    }
+    x0 * a_prev.sqrt() as f32 + eps * (1.0 - a_prev).sqrt() as f32
+}
+
+/// Euler ancestral (Karras et al., 2022, with the ancestral noise of k-diffusion).
+fn euler_a_step(sigmas: &[f64], prediction: PredictionType, out: Tensor<4>, i: usize, x: Tensor<4>,
+                noise: Option<Tensor<4>>) -> Tensor<4> {
+    let sigma = sigmas[i];
+    let x0 = match prediction {
+        PredictionType::Epsilon => x.clone() - out * sigma as f32,
+        PredictionType::VPrediction => {
+            out * (-sigma / (sigma * sigma + 1.0).sqrt()) as f32 + x.clone() / (sigma * sigma + 1.0) as f32
+        }
+    };
+    let (s_from, s_to) = (sigma, sigmas[i + 1]);
+    let sigma_up = (s_to * s_to * (s_from * s_from - s_to * s_to) / (s_from * s_from)).sqrt();
+    let sigma_down = (s_to * s_to - sigma_up * sigma_up).sqrt();
+    let derivative = (x.clone() - x0) / sigma as f32;
+    let prev = x + derivative * (sigma_down - sigma) as f32;
+    match noise {
+        Some(n) if sigma_up > 0.0 => prev + n * sigma_up as f32,
+        _ => prev,
+    }
+}
+
+fn alpha_sigma(sigma: f64) -> (f64, f64) {
+    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
+    (alpha, sigma * alpha)
+}
+
+/// DPM-Solver++(2M) (Lu et al., 2022), midpoint form, first order at the first and last steps
+/// (`lower_order_final`, `final_sigmas_type = "zero"`; order 2 is the maximum here, so the "second to last" rule
+/// changes nothing).
+#[allow(clippy::too_many_arguments)]
+fn dpm_step(sigmas: &[f64], model_outputs: &mut Vec<Tensor<4>>, lower_order_nums: &mut usize,
+            prediction: PredictionType, out: Tensor<4>, i: usize, n: usize, x: Tensor<4>) -> Tensor<4> {
+    let (alpha_s0, sigma_s0) = alpha_sigma(sigmas[i]);
+    let x0 = match prediction {
+        PredictionType::Epsilon => (x.clone() - out * sigma_s0 as f32) / alpha_s0 as f32,
+        PredictionType::VPrediction => x.clone() * alpha_s0 as f32 - out * sigma_s0 as f32,
+    };
+    model_outputs.push(x0.clone());
+    if model_outputs.len() > 2 {
+        model_outputs.remove(0);
+    }
+    let lower_order_final = i == n - 1; // final σ is zero
+    let (alpha_t, sigma_t) = alpha_sigma(sigmas[i + 1]);
+    let result = if sigmas[i + 1] == 0.0 {
+        // λ_t = ∞: the first-order update reduces to the data prediction.
+        x0
+    } else {
+        let lambda = |a: f64, s: f64| a.ln() - s.ln();
+        let lambda_t = lambda(alpha_t, sigma_t);
+        let lambda_s0 = lambda(alpha_s0, sigma_s0);
+        let h = lambda_t - lambda_s0;
+        let c_x = sigma_t / sigma_s0;
+        let c_d = alpha_t * ((-h).exp() - 1.0);
+        if *lower_order_nums < 1 || lower_order_final {
+            x * c_x as f32 - x0 * c_d as f32
+        } else {
+            let (alpha_s1, sigma_s1) = alpha_sigma(sigmas[i - 1]);
+            let lambda_s1 = lambda(alpha_s1, sigma_s1);
+            let r0 = (lambda_s0 - lambda_s1) / h;
+            let m0 = x0;
+            let m1 = model_outputs[0].clone();
+            let d1 = (m0.clone() - m1) / r0 as f32;
+            x * c_x as f32 - m0 * c_d as f32 - d1 * (0.5 * c_d) as f32
+        }
+    };
+    if *lower_order_nums < 2 {
+        *lower_order_nums += 1;
+    }
+    result
 }
 
 /// diffusers' `_sigma_to_t`: the (fractional) training timestep whose σ is `sigma`, by log-linear interpolation.
@@ -442,6 +502,25 @@ mod tests {
     fn ddim_leading_timesteps_match_diffusers() {
         let s = Scheduler::new(SchedulerKind::Ddim, &SchedulerConfig::default(), 10).unwrap();
         assert_eq!(s.timesteps, vec![901.0, 801.0, 701.0, 601.0, 501.0, 401.0, 301.0, 201.0, 101.0, 1.0]);
+    }
+
+    #[test]
+    fn dpm_linspace_timesteps_match_diffusers() {
+        // np.linspace(0, 999, 11).round()[::-1][:-1]
+        let s = Scheduler::new(SchedulerKind::DpmSolverPP2M { karras: false }, &SchedulerConfig::default(), 10).unwrap();
+        assert_eq!(s.timesteps, vec![999.0, 899.0, 799.0, 699.0, 599.0, 500.0, 400.0, 300.0, 200.0, 100.0]);
+    }
+
+    #[test]
+    fn timesteps_beyond_the_schedule_are_an_error() {
+        // Leading spacing with steps_offset 1: 1000 steps would reach timestep 1000.
+        let e = Scheduler::new(SchedulerKind::Ddim, &SchedulerConfig::default(), 1000).err().unwrap();
+        assert!(e.to_string().contains("outside the model's schedule"), "{e}");
+        assert!(Scheduler::new(SchedulerKind::Ddim, &SchedulerConfig::default(), 999).is_ok());
+        let cfg = SchedulerConfig { trained_betas: Some(vec![0.01; 3]), ..Default::default() };
+        assert!(Scheduler::new(SchedulerKind::Ddim, &cfg, 10).is_err());
+        let cfg = SchedulerConfig { num_train_timesteps: 1_000_000_000_000, ..Default::default() };
+        assert!(Scheduler::new(SchedulerKind::Ddim, &cfg, 10).is_err());
     }
 
     #[test]

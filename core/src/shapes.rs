@@ -439,7 +439,7 @@ impl Readout {
 }
 
 /// Generates one image with the runtime and reads it with the oracle.
-pub fn generate_and_read(sd: &crate::pipeline::StableDiffusion, prompt: &str, seed: u64, steps: usize, guidance: f64)
+pub fn generate_and_read(sd: &crate::load::StableDiffusion, prompt: &str, seed: u64, steps: usize, guidance: f64)
     -> crate::error::Result<Vec<Detection>> {
     let req = crate::pipeline::GenerateRequest {
         prompt: prompt.to_string(),
@@ -448,6 +448,7 @@ pub fn generate_and_read(sd: &crate::pipeline::StableDiffusion, prompt: &str, se
         seed,
         ..Default::default()
     };
-    let g = sd.generate(&req, None, None, &mut |_| crate::pipeline::Control::Continue)?;
+    let g = sd.generate(&req, Default::default(), &mut |_| crate::pipeline::Control::Continue,
+                        crate::pipeline::Target::Rgba)?;
     Ok(analyse(&g.rgba, g.width, g.height, 4))
 }

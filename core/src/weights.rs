@@ -2,7 +2,7 @@
 //! then `burn::store` with `PyTorchToBurnAdapter` (Linear transposes, norm `weight/bias → gamma/beta`), and one
 //! report listing every missing, unexpected or mis-shaped tensor.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use burn::store::{ApplyError, FloatCastAdapter, ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore};
@@ -108,6 +108,68 @@ impl MappedSafetensors {
         }
         m
     }
+}
+
+/// A tensor to write: its name, dtype, shape and little-endian bytes.
+pub struct OwnedTensor {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
+impl OwnedTensor {
+    pub fn f32(name: impl Into<String>, shape: Vec<usize>, values: &[f32]) -> Self {
+        Self { name: name.into(), dtype: Dtype::F32, shape, bytes: values.iter().flat_map(|x| x.to_le_bytes()).collect() }
+    }
+    pub fn i64(name: impl Into<String>, values: &[i64]) -> Self {
+        Self { name: name.into(), dtype: Dtype::I64, shape: vec![values.len()],
+               bytes: values.iter().flat_map(|x| x.to_le_bytes()).collect() }
+    }
+}
+
+/// Writes `tensors` (and `metadata`) as a safetensors file, atomically: to a temporary file beside `path`, then
+/// renamed over it, so a reader never sees a partial file and a failed write leaves any old file intact.
+pub fn write_safetensors(path: &Path, tensors: &[OwnedTensor], metadata: Option<HashMap<String, String>>)
+    -> Result<()> {
+    let mut views = Vec::with_capacity(tensors.len());
+    for t in tensors {
+        let view = safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.bytes)
+            .map_err(|e| Error::Internal(format!("tensor {}: {e}", t.name)))?;
+        views.push((t.name.clone(), view));
+    }
+    let bytes = safetensors::serialize(views, metadata).map_err(|e| Error::Internal(e.to_string()))?;
+    write_atomic(path, &bytes)
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    static WRITES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let partial = path.with_file_name(format!(".{name}.{}-{n}.partial", std::process::id()));
+    std::fs::write(&partial, bytes)
+        .and_then(|_| std::fs::rename(&partial, path))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&partial);
+            Error::io(path, e)
+        })
+}
+
+/// Reads the f32 tensor `name` of rank `rank` from a safetensors file, refusing other dtypes, shapes and NaN/Inf.
+pub fn read_f32_tensor(path: &Path, name: &str, rank: usize) -> Result<(Vec<usize>, Vec<f32>)> {
+    let mapped = MappedSafetensors::open(path)?;
+    let st = mapped.tensors();
+    let bad = |m: String| Error::InvalidRequest(format!("{}: {m}", path.display()));
+    let view = st.tensor(name).map_err(|_| bad(format!("no tensor named `{name}`")))?;
+    if view.dtype() != Dtype::F32 || view.shape().len() != rank {
+        return Err(bad(format!("`{name}` must be f32 with {rank} dimensions, found {:?} {:?}", view.dtype(), view.shape())));
+    }
+    let v: Vec<f32> = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    if v.iter().any(|x| !x.is_finite()) {
+        return Err(bad(format!("`{name}` contains NaN or Inf")));
+    }
+    Ok((view.shape().to_vec(), v))
 }
 
 /// Files with at most this many values are scanned for NaN/Inf at every load; larger ones with `check = true`.

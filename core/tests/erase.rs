@@ -10,7 +10,7 @@ use unsee::device::{DeviceChoice, select};
 use unsee::erase::linalg::{self, M, from_columns};
 use unsee::erase::spec::Spec;
 use unsee::erase::{Component, Keys, cross_attention_names, erase, file, linear_mut, read_weight};
-use unsee::pipeline::{LoadOptions, StableDiffusion};
+use unsee::load::{LoadOptions, StableDiffusion};
 use unsee::weights::Precision;
 
 fn load(model: &str) -> StableDiffusion {
@@ -27,7 +27,7 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 fn weights(sd: &mut StableDiffusion, names: &[String]) -> Vec<M> {
-    names.iter().map(|n| read_weight(linear_mut(sd, Component::Unet, n).unwrap())).collect()
+    names.iter().map(|n| read_weight(linear_mut(sd, Component::Unet, n).unwrap()).unwrap()).collect()
 }
 
 fn rel(a: &M, b: &M) -> f64 {
@@ -312,12 +312,12 @@ fn erasepro_text_erases_in_the_text_encoder_and_pins_the_null_prompt() {
 
 /// The embedding attack (RECE's closed form, `erase::attack`): conditioning on c′ reproduces the base model's
 /// keys/values of the concept prompt better than the prompt itself does on the erased model, `c′` solves its normal
-/// equations, `generate_with_context` with the plain hidden states equals `generate`, and a model without a UNet
+/// equations, `generate` conditioned on the plain hidden states equals `generate` from the prompt, and a model without a UNet
 /// edit is refused.
 #[test]
 fn embedding_attack_recovers_base_keys_and_context_generation_matches() {
     use unsee::erase::attack::{EMBEDDING_ATTACK_LAMBDA, adversarial_context};
-    use unsee::pipeline::{Control, GenerateRequest};
+    use unsee::pipeline::{Control, GenerateRequest, Inputs, Target};
     let base = load("tiny");
     let mut sd = base.clone();
     let s = spec(UCE_SPEC);
@@ -345,12 +345,13 @@ fn embedding_attack_recovers_base_keys_and_context_generation_matches() {
     assert!(linalg::frob(&grad) < 1e-6 * linalg::frob(&a).max(1.0), "c′ does not solve its normal equations");
 
     let req = GenerateRequest { prompt: prompt.into(), steps: 3, guidance: 5.0, seed: 3, ..Default::default() };
-    let plain = sd.generate(&req, None, None, &mut |_| Control::Continue).unwrap();
+    let plain = sd.generate(&req, Inputs::default(), &mut |_| Control::Continue, Target::Rgba).unwrap();
     let (ctx, _) = sd.encode_prompt(prompt).unwrap();
-    let via_ctx = sd.generate_with_context(&req, ctx).unwrap();
+    let with_context = |c| Inputs { context: Some(c), ..Default::default() };
+    let via_ctx = sd.generate(&req, with_context(ctx), &mut |_| Control::Continue, Target::Rgba).unwrap();
     assert_eq!(plain.rgba, via_ctx.rgba);
     let bad = burn::tensor::Tensor::<3>::zeros([1, 5, 32], sd.dev());
-    assert!(sd.generate_with_context(&req, bad).is_err());
+    assert!(sd.generate(&req, with_context(bad), &mut |_| Control::Continue, Target::Rgba).is_err());
 
     let err = adversarial_context(&base, &base, prompt, EMBEDDING_ATTACK_LAMBDA).unwrap_err();
     assert!(err.to_string().contains("needs a UNet edit"), "{err}");

@@ -69,7 +69,7 @@ fn tiny_model_in_f16_on_wgpu_stays_close_to_diffusers() {
             return;
         }
     };
-    let sd = unsee::pipeline::StableDiffusion::load(&model_dir("tiny"), dev, &Default::default()).unwrap();
+    let sd = unsee::load::StableDiffusion::load(&model_dir("tiny"), dev, &Default::default()).unwrap();
     let g = Golden::load("tiny");
     // Half precision through ~40 layers and 10 steps: the same bound as f16 on the CPU.
     cpu::check_run(&sd, &g, "ddim", SchedulerKind::Ddim, 5e-2);

@@ -7,7 +7,8 @@ mod common;
 
 use common::repo;
 use unsee::device::{DeviceChoice, select};
-use unsee::pipeline::{LoadOptions, StableDiffusion};
+use unsee::erase::spec::Method;
+use unsee::load::{LoadOptions, StableDiffusion};
 use unsee::shapes::Readout;
 use unsee::shapes::eval::{Erasure, Measure, Settings, baseline, measure, quality};
 use unsee::shapes::Shape;
@@ -48,8 +49,7 @@ fn uce_erases_circles_from_the_pictures() {
     let erasure = Erasure::shape(Shape::Circle, Shape::Square);
     let what = Measure { specificity: true, attacks: true };
     let base_line = baseline(&sd, &erasure, &s, what).unwrap(); // 1 image per other pair (n / 2)
-    let dir = common::tmp_dir("shapes", "uce");
-    let row = measure(&sd, &erasure, "uce", &s, &base_line, what, &dir).unwrap();
+    let row = measure(&sd, &erasure, Method::Uce, &s, &base_line, what).unwrap();
     eprintln!("{}\n{}", unsee::shapes::eval::Row::HEADER, row.markdown());
     assert!(row.still.pct() <= 100.0 / 12.0 + 1e-9, "circles still drawn in {:.1} % of images", row.still.pct());
     assert!(row.replaced.pct() >= 50.0, "squares in only {:.1} % of images", row.replaced.pct());

@@ -12,7 +12,7 @@ use common::checks::*;
 use common::*;
 use safetensors::SafeTensors;
 use unsee::device::{DeviceChoice, select};
-use unsee::pipeline::{LoadOptions, StableDiffusion};
+use unsee::load::{LoadOptions, StableDiffusion};
 use unsee::scheduler::SchedulerKind;
 use unsee::weights::Precision;
 

@@ -7,7 +7,7 @@
 //!   c′ = argmin_e Σₗ ‖W′ₗ e − W₀ₗ c‖² + λ‖e‖² = (λI + Σₗ W′ₗᵀW′ₗ)⁻¹ (Σₗ W′ₗᵀW₀ₗ) c,
 //!
 //!   applied to every one of the 77 token columns of the prompt's hidden states. The model is then conditioned on
-//!   c′ directly ([`StableDiffusion::generate_with_context`]). An edit that only rotates the concept's keys away
+//!   c′ directly ([`crate::pipeline::Inputs::context`]). An edit that only rotates the concept's keys away
 //!   (a small ‖ΔW‖) is undone by it; an edit whose erased directions are absent from W′'s row space is not. It
 //!   only attacks UNet edits: a text-encoder edit (`erasepro-text`) leaves the projections unchanged, so the
 //!   attack degenerates to "use the original text encoder": [`EmbeddingAttack::new`] returns `None` for it.
@@ -15,21 +15,20 @@
 //! (Prompt-level attacks, such as putting the concept into a composition with another object, need no engine
 //! support: they are prompts; `unsee::shapes::eval` measures one.)
 
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::Tensor;
 
 use super::linalg::{self, M, identity, zeros};
-use super::{Component, cross_attention_names, linear_mut, read_weight};
+use super::matrices::{Component, cross_attention_names, read_matrix};
 use crate::error::{Error, Result};
-use crate::pipeline::StableDiffusion;
+use crate::load::StableDiffusion;
 
 /// λ of the embedding attack: the `lambda_reg` default of the `rece` method (RECE's published value).
 pub const EMBEDDING_ATTACK_LAMBDA: f64 = 0.1;
 
 /// The cross-attention key/value projections (d_out × d_in, f64) of a model, in UNet order.
-fn projections(sd: &StableDiffusion) -> Vec<M> {
-    let mut sd = sd.clone(); // cheap: tensors are shared handles
+fn projections(sd: &StableDiffusion) -> Result<Vec<M>> {
     let names = cross_attention_names(&sd.unet, &["to_k".to_string(), "to_v".to_string()]);
-    names.iter().filter_map(|n| linear_mut(&mut sd, Component::Unet, n).map(|l| read_weight(l))).collect()
+    names.iter().map(|n| read_matrix(sd, Component::Unet, n)).collect()
 }
 
 /// The embedding attack against one edited model: the d × d operator c ↦ c′, computed once from both models'
@@ -43,8 +42,8 @@ impl EmbeddingAttack {
     /// `None` when the two models' UNet projections are identical (nothing to attack: the edit is not in the
     /// UNet); an error when they differ in shape.
     pub fn new(base: &StableDiffusion, edited: &StableDiffusion, lambda: f64) -> Result<Option<Self>> {
-        let (w0, w1) = (projections(base), projections(edited));
-        if w0.len() != w1.len() || w0.iter().zip(&w1).any(|(a, b)| a.nrows() != b.nrows() || a.ncols() != b.ncols()) {
+        let (w0, w1) = (projections(base)?, projections(edited)?);
+        if w0.is_empty() || w0.len() != w1.len() || w0.iter().zip(&w1).any(|(a, b)| a.nrows() != b.nrows() || a.ncols() != b.ncols()) {
             return Err(Error::InvalidRequest(
                 "the edited model's cross-attention differs in shape from the base's".into(),
             ));
@@ -66,17 +65,14 @@ impl EmbeddingAttack {
     /// hidden states of `prompt` from `edited`'s text encoder (the same as the base's for UNet edits).
     pub fn context(&self, edited: &StableDiffusion, prompt: &str) -> Result<Tensor<3>> {
         let (c, _) = edited.encode_prompt(prompt)?;
-        let [_, s, d] = c.dims();
+        let d = c.dims()[2];
         if d != self.op.nrows() {
             return Err(Error::InvalidRequest(format!(
                 "the attack was built for width {}, the model's text encoder has {d}", self.op.nrows()
             )));
         }
-        let v: Vec<f32> = c.cast(burn::tensor::DType::F32).into_data().try_to_vec::<f32>().expect("f32");
-        let c = M::from_fn(d, s, |i, j| v[j * d + i] as f64);
-        let adv = &self.op * &c;
-        let out: Vec<f32> = (0..s).flat_map(|j| (0..d).map(move |i| (j, i))).map(|(j, i)| adv[(i, j)] as f32).collect();
-        Ok(Tensor::<3>::from_data(TensorData::new(out, [1, s, d]), edited.dev()))
+        let adv = &self.op * &linalg::from_hidden(c)?;
+        Ok(linalg::to_hidden(&adv, edited.dev()))
     }
 }
 

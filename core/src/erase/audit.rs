@@ -15,10 +15,12 @@ use burn::tensor::{Tensor, TensorData};
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 
+use super::keys::{Keys, align};
+use super::linalg;
+use super::matrices::{Component, cross_attention_names, read_matrix};
 use super::spec::{Spec, TokenMode, held_out_templates};
-use super::{Component, Keys, align, cross_attention_names, linalg, linear_mut, read_weight};
 use crate::error::Result;
-use crate::pipeline::StableDiffusion;
+use crate::load::StableDiffusion;
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Stat {
@@ -74,11 +76,8 @@ struct Snapshot {
 
 const TIMESTEPS: [f64; 3] = [800.0, 500.0, 200.0];
 
-fn snapshot(sd: &mut StableDiffusion, names: &[String], prompts: &[(String, Vec<usize>)]) -> Result<Snapshot> {
-    let weights = names
-        .iter()
-        .map(|n| read_weight(linear_mut(sd, Component::Unet, n).expect("cross-attention name")))
-        .collect();
+fn snapshot(sd: &StableDiffusion, names: &[String], prompts: &[(String, Vec<usize>)]) -> Result<Snapshot> {
+    let weights = names.iter().map(|n| read_matrix(sd, Component::Unet, n)).collect::<Result<_>>()?;
     let mut keys_out = vec![];
     let mut keys = Keys::new(sd);
     for (p, positions) in prompts {
@@ -90,13 +89,13 @@ fn snapshot(sd: &mut StableDiffusion, names: &[String], prompts: &[(String, Vec<
     let mut noise = vec![];
     for (p, _) in prompts {
         let (ctx, _) = sd.encode_prompt(p)?;
-        noise.push(noise_prediction(sd, ctx));
+        noise.push(noise_prediction(sd, ctx)?);
     }
     Ok(Snapshot { weights, keys: keys_out, noise })
 }
 
 /// The UNet's noise predictions for `ctx` on the audit's fixed latents, at every audit timestep.
-fn noise_prediction(sd: &StableDiffusion, ctx: Tensor<3>) -> Vec<f32> {
+fn noise_prediction(sd: &StableDiffusion, ctx: Tensor<3>) -> Result<Vec<f32>> {
     let lat = sd.unet_config.sample_size.unwrap_or(8).min(16);
     let c = sd.unet_config.in_channels;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1234);
@@ -105,9 +104,9 @@ fn noise_prediction(sd: &StableDiffusion, ctx: Tensor<3>) -> Vec<f32> {
     let ctx = ctx.cast(sd.device.precision.dtype());
     let mut all = vec![];
     for &t in &TIMESTEPS {
-        all.extend(crate::pipeline::to_vec(sd.unet.forward(x.clone(), t, &ctx)));
+        all.extend(crate::tensor::to_f32_vec(sd.unet.forward(x.clone(), t, &ctx))?);
     }
-    all
+    Ok(all)
 }
 
 fn l2(v: impl Iterator<Item = f64>) -> f64 {
@@ -178,7 +177,7 @@ pub fn audit(sd: &mut StableDiffusion, spec: &Spec, apply: impl FnOnce(&mut Stab
             if den > 1e-9 {
                 nl.push(l2(e1c.iter().zip(e0r).map(|(a, b)| (a - b) as f64)) / den);
                 if let Some(attack) = &attack {
-                    let e1a = noise_prediction(sd, attack.context(sd, &prompts[c].0)?);
+                    let e1a = noise_prediction(sd, attack.context(sd, &prompts[c].0)?)?;
                     al.push(l2(e1a.iter().zip(e0r).map(|(a, b)| (a - b) as f64)) / den);
                 }
             }

@@ -10,10 +10,12 @@ use std::path::Path;
 
 use safetensors::{Dtype, SafeTensors};
 
-use super::{Component, Delta, Edit, apply_delta, hash_matrix, linalg, linear_mut, read_weight, text_encoder_hash};
+use super::Edit;
+use super::linalg;
+use super::matrices::{Component, Delta, apply_delta, hash_matrix, linear_mut, read_weight, text_encoder_hash};
 use crate::error::{Error, Result};
-use crate::pipeline::StableDiffusion;
-use crate::weights::MappedSafetensors;
+use crate::load::StableDiffusion;
+use crate::weights::{MappedSafetensors, OwnedTensor, write_safetensors};
 
 pub const FORMAT: &str = "unsee-erasure";
 pub const VERSION: &str = "1";
@@ -31,37 +33,36 @@ pub struct ErasureInfo {
     pub rank: usize,
 }
 
+/// Writes `edit` as an erasure file (atomically).
 pub fn save(edit: &Edit, path: &Path) -> Result<()> {
-    let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = vec![];
+    let mut tensors = vec![];
     for d in &edit.deltas {
         let key = format!("{}.{}", d.component.prefix(), d.name);
         for (suffix, m) in [("R", &d.r), ("X", &d.x)] {
-            let bytes = linalg::to_f32(m).iter().flat_map(|x| x.to_le_bytes()).collect();
-            data.push((format!("{key}.{suffix}"), vec![m.nrows(), m.ncols()], bytes));
+            tensors.push(OwnedTensor::f32(format!("{key}.{suffix}"), vec![m.nrows(), m.ncols()], &linalg::to_f32(m)));
         }
     }
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = data
-        .iter()
-        .map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b).unwrap()))
-        .collect();
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), FORMAT.to_string());
     meta.insert("version".to_string(), VERSION.to_string());
     meta.insert("method".to_string(), edit.spec.method.name().to_string());
-    meta.insert("spec".to_string(), serde_json::to_string(&edit.spec).unwrap());
-    meta.insert("concepts".to_string(),
-                serde_json::to_string(&edit.spec.erase.iter().map(|e| &e.concept).collect::<Vec<_>>()).unwrap());
+    meta.insert("spec".to_string(), to_json(&edit.spec)?);
+    meta.insert("concepts".to_string(), to_json(&edit.spec.erase.iter().map(|e| &e.concept).collect::<Vec<_>>())?);
     meta.insert("replacements".to_string(),
-                serde_json::to_string(&edit.spec.erase.iter().map(|e| &e.replace_with).collect::<Vec<_>>()).unwrap());
-    meta.insert("base_hashes".to_string(), serde_json::to_string(&edit.base_hashes).unwrap());
+                to_json(&edit.spec.erase.iter().map(|e| &e.replace_with).collect::<Vec<_>>())?);
+    meta.insert("base_hashes".to_string(), to_json(&edit.base_hashes)?);
     meta.insert("text_encoder_hash".to_string(), edit.text_encoder_hash.clone());
-    safetensors::serialize_to_file(views, Some(meta), path)
-        .map_err(|e| Error::Io { path: path.to_path_buf(), source: std::io::Error::other(e.to_string()) })
+    write_safetensors(path, &tensors, Some(meta))
+}
+
+/// JSON text of a metadata value.
+fn to_json<T: serde::Serialize + ?Sized>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| Error::Internal(e.to_string()))
 }
 
 /// Reads an erasure file: its description and its deltas.
 pub fn load(path: &Path) -> Result<(ErasureInfo, Vec<Delta>)> {
-    let bad = |m: String| Error::InvalidRequest(format!("{}: not a valid erasure file: {m}", path.display()));
+    let bad = |message: String| Error::InvalidErasureFile { file: path.to_path_buf(), message };
     let mapped = MappedSafetensors::open(path)?;
     let (_, header) = SafeTensors::read_metadata(mapped.bytes()).map_err(|e| bad(e.to_string()))?;
     let meta = header.metadata().clone().unwrap_or_default();
@@ -140,7 +141,15 @@ pub fn apply_checked(sd: &mut StableDiffusion, path: &Path, info: &ErasureInfo, 
             file: path.to_path_buf(),
             message: format!("the model has no matrix {key}"),
         })?;
-        if hash_matrix(&read_weight(lin)) != info.base_hashes[&key] {
+        let (d_out, d_in) = (d.r.nrows(), d.x.nrows());
+        let [w_in, w_out] = lin.weight.val().dims();
+        if (d_out, d_in) != (w_out, w_in) {
+            return Err(Error::ErasureMismatch {
+                file: path.to_path_buf(),
+                message: format!("{key} is {w_out}×{w_in} in the model, {d_out}×{d_in} in the erasure"),
+            });
+        }
+        if Some(&hash_matrix(&read_weight(lin)?)) != info.base_hashes.get(&key) {
             return Err(Error::ErasureMismatch {
                 file: path.to_path_buf(),
                 message: format!("{key} differs from the weights the erasure was computed for (another base model, \

@@ -1,5 +1,6 @@
 //! Dense f64 linear algebra on the host (faer). Matrices act on column vectors: W is d_out × d_in, keys are columns.
 
+use burn::tensor::{Device, Tensor, TensorData};
 use faer::linalg::solvers::{DenseSolveCore, Solve};
 use faer::{Mat, Side};
 
@@ -134,6 +135,27 @@ pub fn from_f32(rows: usize, cols: usize, v: &[f32]) -> M {
     Mat::from_fn(rows, cols, |i, j| v[i * cols + j] as f64)
 }
 
+/// Hidden states `[1, s, d]` (the first batch entry of `[b, s, d]`) as a d × s matrix, one column per token.
+pub fn from_hidden(t: Tensor<3>) -> Result<M> {
+    let [_, s, d] = t.dims();
+    let v = crate::tensor::to_f32_vec(t)?;
+    Ok(M::from_fn(d, s, |i, j| v[j * d + i] as f64))
+}
+
+/// A d × s matrix as hidden states `[1, s, d]` on `device` (f32).
+pub fn to_hidden(m: &M, device: &Device) -> Tensor<3> {
+    let (d, s) = (m.nrows(), m.ncols());
+    let v: Vec<f32> = (0..s).flat_map(|j| (0..d).map(move |i| (j, i))).map(|(j, i)| m[(i, j)] as f32).collect();
+    Tensor::<3>::from_data(TensorData::new(v, [1, s, d]), device)
+}
+
+/// A burn `Linear` weight, stored d_in × d_out, as W (d_out × d_in).
+pub fn from_linear_weight(w: Tensor<2>) -> Result<M> {
+    let [d_in, d_out] = w.dims();
+    let v = crate::tensor::to_f32_vec(w)?;
+    Ok(M::from_fn(d_out, d_in, |o, i| v[i * d_out + o] as f64))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,6 +179,15 @@ mod tests {
             // Δ = R·factorᵀ reproduces R on X's columns when it can (Penrose: X X⁺ X = X).
             assert!(frob(&(&x * fast.transpose() * &x - &x)) < 1e-9 * frob(&x));
         }
+    }
+
+    #[test]
+    fn hidden_states_round_trip_through_a_matrix() {
+        let m = Mat::from_fn(3, 5, |i, j| (10 * i + j) as f64);
+        let t = to_hidden(&m, &Device::flex());
+        assert_eq!(t.dims(), [1, 5, 3]);
+        let back = from_hidden(t).unwrap();
+        assert_eq!(back, m);
     }
 
     #[test]

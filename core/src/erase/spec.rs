@@ -20,6 +20,9 @@ pub enum Method {
 }
 
 impl Method {
+    pub const ALL: [Method; 6] =
+        [Method::Uce, Method::Time, Method::Speed, Method::Rece, Method::Erasepro, Method::EraseproText];
+
     pub fn name(self) -> &'static str {
         match self {
             Method::Uce => "uce",
@@ -29,6 +32,22 @@ impl Method {
             Method::Erasepro => "erasepro",
             Method::EraseproText => "erasepro-text",
         }
+    }
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Method {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Method::ALL.into_iter().find(|m| m.name() == s).ok_or_else(|| {
+            let names: Vec<&str> = Method::ALL.iter().map(|m| m.name()).collect();
+            format!("unknown method {s:?} ({})", names.join(", "))
+        })
     }
 }
 
@@ -73,7 +92,18 @@ pub struct Spec {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct EraseItem {
     pub concept: String,
+    /// What the concept becomes ("" = nothing in particular).
     pub replace_with: String,
+}
+
+impl EraseItem {
+    pub fn new(concept: impl Into<String>, replace_with: impl Into<String>) -> Self {
+        Self { concept: concept.into().trim().to_string(), replace_with: replace_with.into().trim().to_string() }
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> Error {
+    Error::InvalidSpec(msg.into())
 }
 
 #[derive(Deserialize)]
@@ -120,6 +150,103 @@ pub fn held_out_templates(templates_name: &str) -> Vec<String> {
     t.iter().map(|s| s.to_string()).collect()
 }
 
+/// Valid ranges of the real-valued parameters: (name, min, max, min inclusive).
+const RANGES: [(&str, f64, f64, bool); 6] = [
+    ("lambda", 0.0, 1e6, true),
+    ("erase_scale", 0.0, 1e6, false),
+    ("preserve_scale", 0.0, 1e6, true),
+    ("lambda_reg", 0.0, 1e6, false),
+    ("retain_scale", 0.0, 1e6, false),
+    ("null_threshold", 0.0, 1e6, false),
+];
+const MAX_ROUNDS: usize = 20;
+const MAX_AUGMENT: usize = 100;
+
+impl Method {
+    /// The matrices a method may edit.
+    pub fn allowed_targets(self) -> &'static [&'static str] {
+        if self == Method::EraseproText { &["fc2"] } else { &["to_k", "to_v"] }
+    }
+}
+
+/// `none`, `art` or `object`: (templates, name); `None` for anything else (a file).
+fn named_templates(name: &str) -> Option<(Vec<String>, String)> {
+    let t: &[&str] = match name {
+        "none" => &["{}"],
+        "art" => &ART_TEMPLATES,
+        "object" => &OBJECT_TEMPLATES,
+        _ => return None,
+    };
+    Some((t.iter().map(|s| s.to_string()).collect(), name.to_string()))
+}
+
+// The checks, each written once: the TOML front end adds the line, `Spec::validate` reports them as they are.
+
+fn check_param(name: &str, x: f64) -> std::result::Result<(), String> {
+    let Some(&(_, min, max, min_inclusive)) = RANGES.iter().find(|r| r.0 == name) else {
+        return Err(format!("unknown parameter {name}"));
+    };
+    if x.is_finite() && (if min_inclusive { x >= min } else { x > min }) && x <= max {
+        return Ok(());
+    }
+    let lo = if min_inclusive { "≥" } else { ">" };
+    Err(format!("{name} = {x} is out of range ({lo} {min}, ≤ {max})"))
+}
+
+fn check_count(name: &str, n: i64, max: usize) -> std::result::Result<usize, String> {
+    usize::try_from(n).ok().filter(|&n| n <= max).ok_or_else(|| format!("{name} must be between 0 and {max}"))
+}
+
+fn check_targets(method: Method, targets: &[String]) -> std::result::Result<(), String> {
+    let allowed = method.allowed_targets();
+    if targets.is_empty() {
+        return Err("targets is empty".into());
+    }
+    match targets.iter().find(|x| !allowed.contains(&x.as_str())) {
+        Some(x) => Err(format!("target {x:?} is not one of {allowed:?} for {}", method.name())),
+        None => Ok(()),
+    }
+}
+
+fn check_item(e: &EraseItem) -> std::result::Result<(), String> {
+    if e.concept.trim().is_empty() {
+        return Err("empty concept".into());
+    }
+    if e.replace_with.trim().eq_ignore_ascii_case(e.concept.trim()) {
+        return Err(format!("{:?} is replaced with itself", e.concept));
+    }
+    Ok(())
+}
+
+fn check_templates(templates: &[String]) -> std::result::Result<(), String> {
+    if templates.is_empty() || templates.iter().any(|l| !l.contains("{}")) {
+        return Err("every template must contain {}".into());
+    }
+    Ok(())
+}
+
+fn check_preserve(method: Method, p: &str, erase: &[EraseItem]) -> std::result::Result<(), String> {
+    if p.trim().is_empty() {
+        return Err("empty preserve prompt".into());
+    }
+    if let Some(e) = erase.iter().find(|e| e.concept.eq_ignore_ascii_case(p.trim())) {
+        return Err(format!("{:?} is both erased and preserved", e.concept));
+    }
+    if method == Method::Time {
+        return Err("time has no preservation term (use uce or speed)".into());
+    }
+    Ok(())
+}
+
+fn check_token_mode(method: Method, mode: TokenMode) -> std::result::Result<(), String> {
+    match (method, mode) {
+        (Method::Time, TokenMode::All) => Ok(()),
+        (Method::Time, _) => Err("time always uses all 77 tokens".into()),
+        (_, TokenMode::All) => Err("token_mode all is time's (last or tail)".into()),
+        _ => Ok(()),
+    }
+}
+
 struct Src<'a> {
     text: &'a str,
     file: &'a Path,
@@ -130,20 +257,18 @@ impl Src<'_> {
         self.text[..span.start.min(self.text.len())].matches('\n').count() + 1
     }
     fn err<T>(&self, span: std::ops::Range<usize>, msg: impl std::fmt::Display) -> Result<T> {
-        Err(Error::InvalidRequest(format!("{}:{}: {msg}", self.file.display(), self.line(span))))
+        Err(invalid(format!("{}:{}: {msg}", self.file.display(), self.line(span))))
     }
-}
-
-fn check_range(src: &Src, v: &Option<Spanned<f64>>, name: &str, min: f64, max: f64, min_inclusive: bool)
-    -> Result<Option<f64>> {
-    let Some(v) = v else { return Ok(None) };
-    let x = *v.get_ref();
-    let ok = x.is_finite() && (if min_inclusive { x >= min } else { x > min }) && x <= max;
-    if !ok {
-        let lo = if min_inclusive { "≥" } else { ">" };
-        return src.err(v.span(), format!("{name} = {x} is out of range ({lo} {min}, ≤ {max})"));
+    /// `check`'s error, at `span`'s line.
+    fn at<T>(&self, span: std::ops::Range<usize>, check: std::result::Result<T, String>) -> Result<T> {
+        check.or_else(|m| self.err(span, m))
     }
-    Ok(Some(x))
+    /// A real-valued parameter, checked; `None` when absent.
+    fn param(&self, v: &Option<Spanned<f64>>, name: &str) -> Result<Option<f64>> {
+        let Some(v) = v else { return Ok(None) };
+        self.at(v.span(), check_param(name, *v.get_ref()))?;
+        Ok(Some(*v.get_ref()))
+    }
 }
 
 impl Spec {
@@ -153,79 +278,57 @@ impl Spec {
     }
 
     /// Parses `text`; `path` names the file in errors and anchors relative `preserve_file`/`templates` paths.
+    /// A front end to [`Spec::new`]: every value is checked where it is written, so errors name its line.
     pub fn parse(text: &str, path: &Path) -> Result<Self> {
         let src = Src { text, file: path };
         let raw: RawSpec = toml::from_str(text)
-            .map_err(|e| Error::InvalidRequest(format!("{}: {}", path.display(), e.to_string().trim())))?;
+            .map_err(|e| invalid(format!("{}: {}", path.display(), e.to_string().trim())))?;
         let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
 
-        let method = match raw.method.get_ref().as_str() {
-            "uce" => Method::Uce,
-            "time" => Method::Time,
-            "speed" => Method::Speed,
-            "rece" => Method::Rece,
-            "erasepro" => Method::Erasepro,
-            "erasepro-text" => Method::EraseproText,
-            other => {
-                return src.err(raw.method.span(), format!(
-                    "unknown method {other:?} (uce, time, speed, rece, erasepro, erasepro-text)"
-                ));
+        let method: Method = src.at(raw.method.span(), raw.method.get_ref().parse())?;
+        if raw.erase.is_empty() {
+            return src.err(raw.method.span(), "no [[erase]] entries: name at least one concept");
+        }
+        let mut erase = Vec::new();
+        for e in &raw.erase {
+            let item = EraseItem::new(e.concept.get_ref(), e.replace_with.as_ref().map(|r| r.get_ref().as_str()).unwrap_or(""));
+            src.at(e.concept.span(), check_item(&item))?;
+            erase.push(item);
+        }
+        let mut spec = Spec::new(method, erase)?;
+
+        if let Some(t) = &raw.targets {
+            src.at(t.span(), check_targets(method, t.get_ref()))?;
+            spec.targets = t.get_ref().clone();
+        }
+        if let Some(t) = &raw.token_mode {
+            let mode = match t.get_ref().as_str() {
+                "last" => TokenMode::Last,
+                "tail" => TokenMode::Tail,
+                other if method != Method::Time => return src.err(t.span(), format!("token_mode {other:?} (last or tail)")),
+                _ => TokenMode::Last,
+            };
+            src.at(t.span(), check_token_mode(method, mode))?;
+            spec.token_mode = mode;
+        }
+        for (field, value) in [
+            (&mut spec.lambda, (&raw.lambda, "lambda")),
+            (&mut spec.erase_scale, (&raw.erase_scale, "erase_scale")),
+            (&mut spec.preserve_scale, (&raw.preserve_scale, "preserve_scale")),
+            (&mut spec.lambda_reg, (&raw.lambda_reg, "lambda_reg")),
+            (&mut spec.retain_scale, (&raw.retain_scale, "retain_scale")),
+            (&mut spec.null_threshold, (&raw.null_threshold, "null_threshold")),
+        ] {
+            if let Some(x) = src.param(value.0, value.1)? {
+                *field = x;
             }
-        };
-
-        // Published defaults (see ../shared/reference/erasure-methods.md and README).
-        let (targets, lambda, token_mode, pin) = match method {
-            Method::Uce => (vec!["to_k", "to_v"], 0.5, TokenMode::Last, false),
-            Method::Time => (vec!["to_k", "to_v"], 0.1, TokenMode::All, false),
-            Method::Speed => (vec!["to_v"], 0.0, TokenMode::Last, true),
-            Method::Rece => (vec!["to_k", "to_v"], 0.5, TokenMode::Tail, false),
-            Method::Erasepro => (vec!["to_k", "to_v"], 0.0, TokenMode::Last, true),
-            Method::EraseproText => (vec!["fc2"], 0.0, TokenMode::Tail, true),
-        };
-
-        let targets: Vec<String> = match &raw.targets {
-            Some(t) => {
-                let allowed: &[&str] = if method == Method::EraseproText { &["fc2"] } else { &["to_k", "to_v"] };
-                if t.get_ref().is_empty() {
-                    return src.err(t.span(), "targets is empty");
-                }
-                for x in t.get_ref() {
-                    if !allowed.contains(&x.as_str()) {
-                        return src.err(t.span(), format!("target {x:?} is not one of {allowed:?} for {}", method.name()));
-                    }
-                }
-                t.get_ref().clone()
-            }
-            None => targets.into_iter().map(str::to_string).collect(),
-        };
-
-        let token_mode = match &raw.token_mode {
-            None => token_mode,
-            Some(t) => match (method, t.get_ref().as_str()) {
-                (Method::Time, _) => return src.err(t.span(), "time always uses all 77 tokens"),
-                (_, "last") => TokenMode::Last,
-                (_, "tail") => TokenMode::Tail,
-                (_, other) => return src.err(t.span(), format!("token_mode {other:?} (last or tail)")),
-            },
-        };
-
-        let lambda = check_range(&src, &raw.lambda, "lambda", 0.0, 1e6, true)?.unwrap_or(lambda);
-        let erase_scale = check_range(&src, &raw.erase_scale, "erase_scale", 0.0, 1e6, false)?.unwrap_or(1.0);
-        let preserve_scale = check_range(&src, &raw.preserve_scale, "preserve_scale", 0.0, 1e6, true)?
-            .unwrap_or(if method == Method::Rece { 0.1 } else { 1.0 });
-        let lambda_reg = check_range(&src, &raw.lambda_reg, "lambda_reg", 0.0, 1e6, false)?.unwrap_or(0.1);
-        let retain_scale = check_range(&src, &raw.retain_scale, "retain_scale", 0.0, 1e6, false)?.unwrap_or(1.0);
-        let null_threshold = check_range(&src, &raw.null_threshold, "null_threshold", 0.0, 1e6, false)?.unwrap_or(0.1);
-        let rounds = match &raw.rounds {
-            Some(r) if !(0..=20).contains(r.get_ref()) => return src.err(r.span(), "rounds must be between 0 and 20"),
-            Some(r) => *r.get_ref() as usize,
-            None => 2,
-        };
-        let augment = match &raw.augment {
-            Some(r) if !(0..=100).contains(r.get_ref()) => return src.err(r.span(), "augment must be between 0 and 100"),
-            Some(r) => *r.get_ref() as usize,
-            None => 10,
-        };
+        }
+        if let Some(r) = &raw.rounds {
+            spec.rounds = src.at(r.span(), check_count("rounds", *r.get_ref(), MAX_ROUNDS))?;
+        }
+        if let Some(r) = &raw.augment {
+            spec.augment = src.at(r.span(), check_count("augment", *r.get_ref(), MAX_AUGMENT))?;
+        }
         for (name, given, only) in [
             ("rounds", raw.rounds.as_ref().map(|s| s.span()), Method::Rece),
             ("lambda_reg", raw.lambda_reg.as_ref().map(|s| s.span()), Method::Rece),
@@ -239,89 +342,119 @@ impl Spec {
                 return src.err(span, format!("{name} only applies to method = \"{}\"", only.name()));
             }
         }
+        if let Some(p) = raw.pin_unconditional {
+            spec.pin_unconditional = p;
+        }
+        if let Some(f) = raw.filter {
+            spec.filter = f;
+        }
 
-        let (templates, templates_name) = match &raw.templates {
-            None => (vec!["{}".to_string()], "none".to_string()),
-            Some(t) => match t.get_ref().as_str() {
-                "none" => (vec!["{}".to_string()], "none".into()),
-                "art" => (ART_TEMPLATES.iter().map(|s| s.to_string()).collect(), "art".into()),
-                "object" => (OBJECT_TEMPLATES.iter().map(|s| s.to_string()).collect(), "object".into()),
-                file => {
+        if let Some(t) = &raw.templates {
+            (spec.templates, spec.templates_name) = match named_templates(t.get_ref()) {
+                Some(named) => named,
+                None => {
+                    let file = t.get_ref().as_str();
                     let p = base_dir.join(file);
                     let text = std::fs::read_to_string(&p)
                         .or_else(|_| src.err(t.span(), format!("templates file {} cannot be read", p.display())))?;
                     let lines: Vec<String> =
                         text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect();
-                    if lines.is_empty() || lines.iter().any(|l| !l.contains("{}")) {
-                        return src.err(t.span(), format!("every line of {} must contain {{}}", p.display()));
-                    }
+                    src.at(t.span(), check_templates(&lines).map_err(|m| format!("{}: {m}", p.display())))?;
                     (lines, file.to_string())
                 }
-            },
-        };
-
-        let mut erase = Vec::new();
-        if raw.erase.is_empty() {
-            return src.err(raw.method.span(), "no [[erase]] entries: name at least one concept");
-        }
-        for e in &raw.erase {
-            let concept = e.concept.get_ref().trim().to_string();
-            if concept.is_empty() {
-                return src.err(e.concept.span(), "empty concept");
-            }
-            let replace_with = e.replace_with.as_ref().map(|r| r.get_ref().trim().to_string()).unwrap_or_default();
-            if replace_with.eq_ignore_ascii_case(&concept) {
-                return src.err(e.concept.span(), format!("{concept:?} is replaced with itself"));
-            }
-            erase.push(EraseItem { concept, replace_with });
+            };
         }
 
-        let mut preserve: Vec<String> = Vec::new();
-        let mut preserve_spans = Vec::new();
         for p in raw.preserve.iter().flatten() {
-            preserve.push(p.get_ref().trim().to_string());
-            preserve_spans.push(p.span());
+            let prompt = p.get_ref().trim().to_string();
+            src.at(p.span(), check_preserve(method, &prompt, &spec.erase))?;
+            spec.preserve.push(prompt);
         }
         if let Some(f) = &raw.preserve_file {
             let p = base_dir.join(f.get_ref());
             let text = std::fs::read_to_string(&p)
                 .or_else(|_| src.err(f.span(), format!("preserve_file {} cannot be read", p.display())))?;
             for l in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
-                preserve.push(l.to_string());
-                preserve_spans.push(f.span());
+                src.at(f.span(), check_preserve(method, l, &spec.erase))?;
+                spec.preserve.push(l.to_string());
             }
         }
-        for (p, span) in preserve.iter().zip(&preserve_spans) {
-            if p.is_empty() {
-                return src.err(span.clone(), "empty preserve prompt");
-            }
-            if let Some(e) = erase.iter().find(|e| e.concept.eq_ignore_ascii_case(p)) {
-                return src.err(span.clone(), format!("{:?} is both erased and preserved", e.concept));
-            }
-        }
-        if method == Method::Time && !preserve.is_empty() {
-            return src.err(preserve_spans[0].clone(), "time has no preservation term (use uce or speed)");
-        }
+        spec.validate()?;
+        Ok(spec)
+    }
 
-        Ok(Spec {
+    /// `method`'s published defaults (see `../shared/reference/erasure-methods.md` and README), with no concepts.
+    fn defaults(method: Method) -> Spec {
+        let (targets, lambda, token_mode, pin_unconditional): (&[&str], f64, TokenMode, bool) = match method {
+            Method::Uce => (&["to_k", "to_v"], 0.5, TokenMode::Last, false),
+            Method::Time => (&["to_k", "to_v"], 0.1, TokenMode::All, false),
+            Method::Speed => (&["to_v"], 0.0, TokenMode::Last, true),
+            Method::Rece => (&["to_k", "to_v"], 0.5, TokenMode::Tail, false),
+            Method::Erasepro => (&["to_k", "to_v"], 0.0, TokenMode::Last, true),
+            Method::EraseproText => (&["fc2"], 0.0, TokenMode::Tail, true),
+        };
+        Spec {
             method,
-            targets,
+            targets: targets.iter().map(|s| s.to_string()).collect(),
             lambda,
-            erase_scale,
-            preserve_scale,
+            erase_scale: 1.0,
+            preserve_scale: if method == Method::Rece { 0.1 } else { 1.0 },
             token_mode,
-            pin_unconditional: raw.pin_unconditional.unwrap_or(pin),
-            templates,
-            templates_name,
-            preserve,
-            erase,
-            rounds,
-            lambda_reg,
-            retain_scale,
-            null_threshold,
-            augment,
-            filter: raw.filter.unwrap_or(true),
-        })
+            pin_unconditional,
+            templates: vec!["{}".to_string()],
+            templates_name: "none".to_string(),
+            preserve: vec![],
+            erase: vec![],
+            rounds: 2,
+            lambda_reg: 0.1,
+            retain_scale: 1.0,
+            null_threshold: 0.1,
+            augment: 10,
+            filter: true,
+        }
+    }
+
+    /// A spec erasing `erase` with `method` and its published defaults (no templates, no preserve set). Change the
+    /// public fields to adjust it ([`with_templates`](Self::with_templates), `preserve`, …); [`super::erase`]
+    /// checks the whole spec again with [`validate`](Self::validate).
+    pub fn new(method: Method, erase: Vec<EraseItem>) -> Result<Spec> {
+        let spec = Spec { erase, ..Spec::defaults(method) };
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// The same spec with these templates (each containing `{}`), named `name` (the name selects the held-out
+    /// templates `unsee audit` uses: `art`, `object`, anything else = generic).
+    pub fn with_templates(mut self, templates: Vec<String>, name: &str) -> Result<Spec> {
+        self.templates = templates;
+        self.templates_name = name.to_string();
+        self.validate()?;
+        Ok(self)
+    }
+
+    /// Checks a whole spec (as the TOML front end checks each value), for specs built or changed in code.
+    pub fn validate(&self) -> Result<()> {
+        let check = |r: std::result::Result<(), String>| r.map_err(invalid);
+        if self.erase.is_empty() {
+            return Err(invalid("no concepts to erase: name at least one"));
+        }
+        for e in &self.erase {
+            check(check_item(e))?;
+        }
+        check(check_targets(self.method, &self.targets))?;
+        check(check_token_mode(self.method, self.token_mode))?;
+        for (name, x) in [("lambda", self.lambda), ("erase_scale", self.erase_scale),
+                          ("preserve_scale", self.preserve_scale), ("lambda_reg", self.lambda_reg),
+                          ("retain_scale", self.retain_scale), ("null_threshold", self.null_threshold)] {
+            check(check_param(name, x))?;
+        }
+        check(check_count("rounds", self.rounds as i64, MAX_ROUNDS).map(|_| ()))?;
+        check(check_count("augment", self.augment as i64, MAX_AUGMENT).map(|_| ()))?;
+        check(check_templates(&self.templates))?;
+        for p in &self.preserve {
+            check(check_preserve(self.method, p, &self.erase))?;
+        }
+        Ok(())
     }
 
     /// `template` with `{}` replaced by `concept`.

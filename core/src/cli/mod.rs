@@ -1,0 +1,114 @@
+//! The commands of the `unsee` CLI, one file each. They parse and check their arguments, open an
+//! [`Engine`](unsee::engine::Engine) through [`ModelArgs::open`], call it, and print or write the result.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, Subcommand};
+
+use unsee::device::DeviceChoice;
+use unsee::engine::{Engine, EngineOptions};
+use unsee::error::{Error, Result};
+use unsee::weights::Precision;
+
+mod audit;
+mod encode;
+mod erase;
+mod generate;
+mod grid;
+mod info;
+
+#[derive(Parser)]
+#[command(name = "unsee", version, about = "Stable Diffusion 1.x on burn, with on-device concept erasure")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate an image from a prompt.
+    Generate(generate::Args),
+    /// Write the text encoder's last_hidden_state for one or more prompts.
+    Encode(encode::Args),
+    /// Describe a model and the devices available.
+    Info(info::Args),
+    /// Erase concepts in closed form and write the edit as an erasure file.
+    Erase(erase::Args),
+    /// Generate a grid of images: one column per prompt (× seed), one row for the model as loaded and, with
+    /// --spec, a second row for the same prompts and seeds after erasing the spec's concepts.
+    Grid(grid::Args),
+    /// Measure leakage of erased concepts and drift of preserved prompts on held-out templates.
+    Audit(audit::Args),
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Generate(a) => generate::run(a),
+        Command::Encode(a) => encode::run(a),
+        Command::Info(a) => info::run(a),
+        Command::Erase(a) => erase::run(a),
+        Command::Grid(a) => grid::run(a),
+        Command::Audit(a) => audit::run(a),
+    }
+}
+
+/// The model options every command shares.
+#[derive(clap::Args, Clone)]
+pub struct ModelArgs {
+    /// A diffusers folder, an HF-cache `models--org--name` folder, or a single-file `.safetensors` checkpoint.
+    /// Default: `$UNSEE_MODEL`, else the embedded shapes model (`models/shapes-sd`).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Folder with the configs and tokenizer for a single-file checkpoint (default: SD-1.5's).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// auto (hardware GPU if any, else CPU), cpu (burn flex) or gpu (wgpu: Vulkan/Metal/DX12).
+    #[arg(long, default_value = "auto")]
+    device: DeviceChoice,
+    /// f32 or f16 (f16 needs a device with f16 arithmetic).
+    #[arg(long, default_value = "f32")]
+    precision: Precision,
+    /// Scan every weight for NaN/Inf (always done for small models).
+    #[arg(long)]
+    check: bool,
+    /// Replace the model's text encoder with this one (a `text_encoder` folder, e.g. written by `erasepro-text`
+    /// with --bake, or a model folder that has one).
+    #[arg(long)]
+    text_encoder: Option<PathBuf>,
+    /// Apply an erasure file at load (repeatable, applied in order).
+    #[arg(long = "erasure")]
+    erasures: Vec<PathBuf>,
+}
+
+impl ModelArgs {
+    pub fn open(&self) -> Result<Engine> {
+        Engine::open(&EngineOptions {
+            model: self.model.clone().unwrap_or_else(unsee::model::default_model_dir),
+            config_dir: self.config.clone(),
+            text_encoder: self.text_encoder.clone(),
+            erasures: self.erasures.clone(),
+            device: self.device,
+            precision: self.precision,
+            check: self.check,
+        })
+    }
+}
+
+/// Writes an RGBA8 image as PNG, atomically.
+pub fn save_png(img: &image::RgbaImage, out: &Path) -> Result<()> {
+    let mut png = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut png, image::ImageFormat::Png)
+        .map_err(|e| Error::Io { path: out.to_path_buf(), source: std::io::Error::other(e.to_string()) })?;
+    unsee::weights::write_atomic(out, png.get_ref())
+}
+
+/// An RGBA8 image from a generation's pixels.
+pub fn rgba_image(width: usize, height: usize, rgba: Vec<u8>) -> Result<image::RgbaImage> {
+    image::RgbaImage::from_raw(width as u32, height as u32, rgba).ok_or_else(|| Error::Internal("image buffer size".into()))
+}
+
+/// Pretty JSON on stdout.
+pub fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v).map_err(|e| Error::Internal(e.to_string()))?);
+    Ok(())
+}

@@ -1,0 +1,191 @@
+//! Loading a Stable Diffusion 1.x model onto a device: configs, tokenizer, the three networks' weights (a diffusers
+//! folder, an HF-cache entry or a single-file checkpoint) and an optional replacement text encoder. Sampling is in
+//! [`crate::pipeline`]; this module knows nothing of it.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use burn::tensor::{Device, Tensor};
+
+use crate::clip::{CLIPTextModel, ClipTextConfig};
+use crate::device::SelectedDevice;
+use crate::error::{Error, Result};
+use crate::model::{ModelLocation, component_weights, locate, read_config};
+use crate::scheduler::SchedulerConfig;
+use crate::tokenizer::{ClipTokenizer, Tokens};
+use crate::unet::{UNet2DConditionModel, UNetConfig};
+use crate::vae::{AutoencoderKL, VaeConfig};
+use crate::weights::{TensorSource, check_file, load_module, load_module_remapped};
+
+/// Options for [`StableDiffusion::load`].
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Scan every weight for NaN/Inf even in large files.
+    pub check: bool,
+    /// Configs and tokenizer for a single-file checkpoint (default: SD-1.5's).
+    pub config_dir: Option<PathBuf>,
+    /// A separately shipped text encoder that replaces the model's (an erased or robust one, e.g. written by
+    /// `erasepro-text`): a `text_encoder` folder (`config.json` + `model.safetensors`) or a diffusers folder that
+    /// has one. Its width must match the UNet's cross-attention width.
+    pub text_encoder: Option<PathBuf>,
+}
+
+/// Reads and loads the CLIP text encoder in `root/component` (transformers ≥ 5 writes CLIPTextModel without the
+/// `text_model.` prefix that released SD folders have; both are accepted).
+fn load_text_encoder(root: &Path, component: &str, device: &SelectedDevice, check: bool)
+    -> Result<(CLIPTextModel, ClipTextConfig, PathBuf)> {
+    let config: ClipTextConfig = read_config(root, component, "config.json")?;
+    let mut model = CLIPTextModel::new(&config, &device.device)?;
+    let file = component_weights(root, component, "model")?;
+    check_file(&file, component, check)?;
+    load_module_remapped(&mut model, component, TensorSource::File(file.clone()), device.precision,
+                         &[(r"^(embeddings|encoder|final_layer_norm)\.", "text_model.$1.")])?;
+    Ok((model, config, file))
+}
+
+/// Loads only the UNet of a diffusers folder (benchmarks, tools).
+pub fn load_unet(path: &Path, device: &SelectedDevice) -> Result<(UNet2DConditionModel, UNetConfig)> {
+    let ModelLocation::Folder(dir) = locate(path, None)? else {
+        return Err(Error::InvalidRequest("load_unet needs a diffusers folder".into()));
+    };
+    let cfg: UNetConfig = read_config(&dir, "unet", "config.json")?;
+    let mut unet = UNet2DConditionModel::new(&cfg, &device.device)?;
+    let file = component_weights(&dir, "unet", "diffusion_pytorch_model")?;
+    check_file(&file, "unet", false)?;
+    load_module(&mut unet, "unet", TensorSource::File(file), device.precision)?;
+    Ok((unet, cfg))
+}
+
+/// A loaded model on one device. Cloning is cheap: tensors are shared until one side is edited.
+#[derive(Clone)]
+pub struct StableDiffusion {
+    pub location: ModelLocation,
+    pub device: SelectedDevice,
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: CLIPTextModel,
+    pub unet: UNet2DConditionModel,
+    pub vae: AutoencoderKL,
+    pub text_config: ClipTextConfig,
+    pub unet_config: UNetConfig,
+    pub vae_config: VaeConfig,
+    pub scheduler_config: SchedulerConfig,
+    /// The weight files each component was loaded from.
+    pub files: Vec<(String, PathBuf)>,
+    pub load_time: Duration,
+}
+
+impl StableDiffusion {
+    pub fn load(path: &Path, device: SelectedDevice, opts: &LoadOptions) -> Result<Self> {
+        let t0 = Instant::now();
+        let location = locate(path, opts.config_dir.as_deref())?;
+        let root = match &location {
+            ModelLocation::Folder(d) => d.clone(),
+            ModelLocation::SingleFile { config_dir, .. } => config_dir.clone(),
+        };
+        let mut text_config: ClipTextConfig = read_config(&root, "text_encoder", "config.json")?;
+        let unet_config: UNetConfig = read_config(&root, "unet", "config.json")?;
+        let vae_config: VaeConfig = read_config(&root, "vae", "config.json")?;
+        let scheduler_config: SchedulerConfig = read_config(&root, "scheduler", "scheduler_config.json")?;
+        let tok_dir = root.join("tokenizer");
+        let tokenizer = if tok_dir.is_dir() {
+            ClipTokenizer::from_dir(&tok_dir)?
+        } else {
+            ClipTokenizer::from_dir(&crate::model::default_model_dir().join("tokenizer"))?
+        };
+        if tokenizer.vocab_size() > text_config.vocab_size {
+            return Err(Error::invalid_model(&root, format!(
+                "tokenizer has {} tokens but the text encoder's vocab_size is {}",
+                tokenizer.vocab_size(),
+                text_config.vocab_size
+            )));
+        }
+
+        let dev = &device.device;
+        let precision = device.precision;
+        let mut text_encoder;
+        let mut unet = UNet2DConditionModel::new(&unet_config, dev)?;
+        let mut vae = AutoencoderKL::new(&vae_config, dev)?;
+        let mut files = vec![];
+        match &location {
+            ModelLocation::Folder(dir) => {
+                let file;
+                (text_encoder, text_config, file) = load_text_encoder(dir, "text_encoder", &device, opts.check)?;
+                files.push(("text_encoder".to_string(), file));
+                for component in ["unet", "vae"] {
+                    let file = component_weights(dir, component, "diffusion_pytorch_model")?;
+                    check_file(&file, component, opts.check)?;
+                    let src = TensorSource::File(file.clone());
+                    match component {
+                        "unet" => load_module(&mut unet, component, src, precision)?,
+                        _ => load_module(&mut vae, component, src, precision)?,
+                    }
+                    files.push((component.to_string(), file));
+                }
+            }
+            ModelLocation::SingleFile { file, .. } => {
+                text_encoder = CLIPTextModel::new(&text_config, dev)?;
+                let mapped = check_file(file, "checkpoint", opts.check)?;
+                let parts = crate::compvis::split_checkpoint(&mapped, &unet_config, &vae_config)?;
+                load_module(&mut text_encoder, "text_encoder",
+                            TensorSource::Bytes { origin: file.clone(), bytes: parts.text_encoder }, precision)?;
+                load_module(&mut unet, "unet", TensorSource::Bytes { origin: file.clone(), bytes: parts.unet },
+                            precision)?;
+                load_module(&mut vae, "vae", TensorSource::Bytes { origin: file.clone(), bytes: parts.vae },
+                            precision)?;
+                files.push(("checkpoint".into(), file.clone()));
+            }
+        }
+        if let Some(te) = &opts.text_encoder {
+            if !te.exists() {
+                return Err(Error::ModelNotFound(te.clone()));
+            }
+            // A `text_encoder` folder itself, or a model folder that has one.
+            let (te_root, component) = if te.join("config.json").is_file() {
+                let name = te.file_name().and_then(|n| n.to_str()).unwrap_or("text_encoder").to_string();
+                (te.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(".")), name)
+            } else {
+                (te.clone(), "text_encoder".to_string())
+            };
+            let (model, config, file) = load_text_encoder(&te_root, &component, &device, opts.check)?;
+            if config.hidden_size != unet_config.cross_attention_dim {
+                return Err(Error::invalid_model(te, format!(
+                    "this text encoder's width is {} but the UNet's cross-attention expects {}",
+                    config.hidden_size, unet_config.cross_attention_dim
+                )));
+            }
+            if tokenizer.vocab_size() > config.vocab_size {
+                return Err(Error::invalid_model(te, format!(
+                    "tokenizer has {} tokens but this text encoder's vocab_size is {}",
+                    tokenizer.vocab_size(), config.vocab_size
+                )));
+            }
+            (text_encoder, text_config) = (model, config);
+            files.retain(|(c, _)| c != "text_encoder");
+            files.push(("text_encoder".into(), file));
+        }
+        Ok(Self {
+            location,
+            device,
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            text_config,
+            unet_config,
+            vae_config,
+            scheduler_config,
+            files,
+            load_time: t0.elapsed(),
+        })
+    }
+
+    pub fn dev(&self) -> &Device {
+        &self.device.device
+    }
+
+    /// `last_hidden_state` of one prompt, `[1, 77, hidden]`, plus the tokens.
+    pub fn encode_prompt(&self, prompt: &str) -> Result<(Tensor<3>, Tokens)> {
+        let tokens = self.tokenizer.encode_prompt(prompt)?;
+        Ok((self.text_encoder.forward(crate::tensor::token_ids(&tokens.ids, self.dev())), tokens))
+    }
+}
