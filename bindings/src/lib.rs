@@ -66,7 +66,8 @@ impl From<CoreError> for UnseeError {
             | CoreError::WeightMismatch { .. }
             | CoreError::PickleRefused { .. }
             | CoreError::CorruptWeights { .. }
-            | CoreError::NonFiniteWeights { .. } => Self::InvalidModel(m),
+            | CoreError::NonFiniteWeights { .. }
+            | CoreError::NonFiniteOutput(_) => Self::InvalidModel(m),
             CoreError::ErasureMismatch { .. } => Self::ErasureMismatch(m),
             CoreError::InvalidErasureFile { .. } => Self::InvalidErasureFile(m),
             CoreError::DeviceUnavailable(_) => Self::DeviceUnavailable(m),

@@ -9,7 +9,7 @@
 //!
 //! Full-size rows on wgpu need `UNSEE_BENCH_WGPU_SD15=1` as well (slow on a software Vulkan device).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
@@ -29,8 +29,9 @@ fn concepts(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("painter {i} style")).collect()
 }
 
-fn spec_text(method: &str, n: usize, preserve_file: &Path) -> String {
-    let mut s = format!("method = \"{method}\"\npreserve_file = \"{}\"\n", preserve_file.display());
+/// The spec (written beside `preserve.txt`, which it names relative to itself).
+fn spec_text(method: &str, n: usize) -> String {
+    let mut s = format!("method = \"{method}\"\npreserve_file = \"preserve.txt\"\n");
     if method == "speed" {
         s.push_str("filter = true\naugment = 0\n");
     }
@@ -84,7 +85,7 @@ fn main() {
                     std::env::var("UNSEE_BENCH_COUNTS").map(|v| v.split(',').any(|x| x == n.to_string())).unwrap_or(true)
                 }) {
                     let spec_path = tmp.join("spec.toml");
-                    std::fs::write(&spec_path, spec_text(method, n, &preserve_file)).unwrap();
+                    std::fs::write(&spec_path, spec_text(method, n)).unwrap();
                     let spec = Spec::from_file(&spec_path).unwrap();
                     let cache = tmp.join(format!("cache-{method}-{n}-{device:?}"));
                     // SAFETY: single-threaded here; the engine reads it when it looks for the Gram cache.

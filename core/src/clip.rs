@@ -32,6 +32,14 @@ pub struct ClipTextConfig {
 
 impl ClipTextConfig {
     pub fn validate(&self) -> std::result::Result<(), String> {
+        use crate::limits::{MAX_HEADS, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH, count, positive};
+        count("vocab_size", self.vocab_size, 1, MAX_VOCAB)?;
+        count("hidden_size", self.hidden_size, 1, MAX_WIDTH)?;
+        count("intermediate_size", self.intermediate_size, 1, MAX_WIDTH)?;
+        count("num_hidden_layers", self.num_hidden_layers, 1, MAX_LAYERS)?;
+        count("num_attention_heads", self.num_attention_heads, 1, MAX_HEADS)?;
+        count("max_position_embeddings", self.max_position_embeddings, 1, MAX_POSITIONS)?;
+        positive("layer_norm_eps", self.layer_norm_eps)?;
         if !matches!(self.hidden_act.as_str(), "quick_gelu" | "gelu") {
             return Err(format!("unsupported hidden_act {} (quick_gelu or gelu)", self.hidden_act));
         }

@@ -41,6 +41,11 @@ pub enum Error {
     #[error("invalid spec: {0}")]
     InvalidSpec(String),
 
+    /// The generation produced NaN or Inf (from weights with NaN/Inf beyond the automatic scan, or values that
+    /// overflow on the device): an error instead of a black image.
+    #[error("the {0} produced NaN or Inf values (check the weights with --check)")]
+    NonFiniteOutput(String),
+
     #[error("device unavailable: {0}")]
     DeviceUnavailable(String),
 

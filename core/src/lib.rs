@@ -7,6 +7,7 @@ pub mod erase;
 pub mod device;
 pub mod engine;
 pub mod error;
+pub mod limits;
 pub mod load;
 pub mod model;
 pub mod nn;

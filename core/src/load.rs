@@ -43,6 +43,32 @@ fn load_text_encoder(root: &Path, component: &str, device: &SelectedDevice, chec
     Ok((model, config, file))
 }
 
+/// Checks that a text encoder fits the UNet and the tokenizer: its width is the UNet's cross-attention width, every
+/// token id is inside its embedding table, and a tokenized prompt fits its position table.
+fn check_text_encoder(path: &Path, config: &ClipTextConfig, unet: &UNetConfig, tokenizer: &ClipTokenizer)
+    -> Result<()> {
+    config.validate().map_err(|m| Error::invalid_model(path, m))?;
+    if config.hidden_size != unet.cross_attention_dim {
+        return Err(Error::invalid_model(path, format!(
+            "this text encoder's width is {} but the UNet's cross-attention expects {}",
+            config.hidden_size, unet.cross_attention_dim
+        )));
+    }
+    if tokenizer.vocab_size() > config.vocab_size || tokenizer.max_id() as usize >= config.vocab_size {
+        return Err(Error::invalid_model(path, format!(
+            "the tokenizer has {} tokens with ids up to {}, but the text encoder's vocab_size is {}",
+            tokenizer.vocab_size(), tokenizer.max_id(), config.vocab_size
+        )));
+    }
+    if tokenizer.max_length > config.max_position_embeddings {
+        return Err(Error::invalid_model(path, format!(
+            "the tokenizer makes {} tokens but the text encoder has {} positions",
+            tokenizer.max_length, config.max_position_embeddings
+        )));
+    }
+    Ok(())
+}
+
 /// Loads only the UNet of a diffusers folder (benchmarks, tools).
 pub fn load_unet(path: &Path, device: &SelectedDevice) -> Result<(UNet2DConditionModel, UNetConfig)> {
     let ModelLocation::Folder(dir) = locate(path, None)? else {
@@ -86,19 +112,23 @@ impl StableDiffusion {
         let unet_config: UNetConfig = read_config(&root, "unet", "config.json")?;
         let vae_config: VaeConfig = read_config(&root, "vae", "config.json")?;
         let scheduler_config: SchedulerConfig = read_config(&root, "scheduler", "scheduler_config.json")?;
+        scheduler_config.validate()?;
+        if unet_config.in_channels != vae_config.latent_channels || unet_config.out_channels != vae_config.latent_channels {
+            return Err(Error::invalid_model(&root, format!(
+                "the UNet takes {} and gives {} latent channels but the VAE's latent_channels is {}",
+                unet_config.in_channels, unet_config.out_channels, vae_config.latent_channels
+            )));
+        }
         let tok_dir = root.join("tokenizer");
         let tokenizer = if tok_dir.is_dir() {
             ClipTokenizer::from_dir(&tok_dir)?
         } else {
-            ClipTokenizer::from_dir(&crate::model::default_model_dir().join("tokenizer"))?
+            let fallback = crate::model::default_model_dir().join("tokenizer");
+            tracing::warn!("{} has no tokenizer/ folder: using CLIP's tokenizer from {}", root.display(),
+                           fallback.display());
+            ClipTokenizer::from_dir(&fallback)?
         };
-        if tokenizer.vocab_size() > text_config.vocab_size {
-            return Err(Error::invalid_model(&root, format!(
-                "tokenizer has {} tokens but the text encoder's vocab_size is {}",
-                tokenizer.vocab_size(),
-                text_config.vocab_size
-            )));
-        }
+        check_text_encoder(&root, &text_config, &unet_config, &tokenizer)?;
 
         let dev = &device.device;
         let precision = device.precision;
@@ -147,18 +177,7 @@ impl StableDiffusion {
                 (te.clone(), "text_encoder".to_string())
             };
             let (model, config, file) = load_text_encoder(&te_root, &component, &device, opts.check)?;
-            if config.hidden_size != unet_config.cross_attention_dim {
-                return Err(Error::invalid_model(te, format!(
-                    "this text encoder's width is {} but the UNet's cross-attention expects {}",
-                    config.hidden_size, unet_config.cross_attention_dim
-                )));
-            }
-            if tokenizer.vocab_size() > config.vocab_size {
-                return Err(Error::invalid_model(te, format!(
-                    "tokenizer has {} tokens but this text encoder's vocab_size is {}",
-                    tokenizer.vocab_size(), config.vocab_size
-                )));
-            }
+            check_text_encoder(te, &config, &unet_config, &tokenizer)?;
             (text_encoder, text_config) = (model, config);
             files.retain(|(c, _)| c != "text_encoder");
             files.push(("text_encoder".into(), file));

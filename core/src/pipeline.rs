@@ -41,6 +41,16 @@ impl Default for GenerateRequest {
     }
 }
 
+/// The largest classifier-free guidance scale accepted (AUTOMATIC1111's UI stops at 30).
+pub const MAX_GUIDANCE: f64 = 100.0;
+/// The largest magnitude of an init-latent value (they are unit-variance noise).
+pub const MAX_INIT_LATENT: f32 = 1e4;
+
+/// [`Error::NonFiniteOutput`] unless every value of `v` is finite.
+fn finite(v: &[f32], stage: &str) -> Result<()> {
+    if v.iter().all(|x| x.is_finite()) { Ok(()) } else { Err(Error::NonFiniteOutput(stage.into())) }
+}
+
 impl GenerateRequest {
     /// The checks that need no model (front ends run them before loading one); [`StableDiffusion::generate`]
     /// also checks the size against the model.
@@ -48,8 +58,10 @@ impl GenerateRequest {
         if self.steps == 0 {
             return Err(Error::InvalidRequest("steps must be at least 1".into()));
         }
-        if !self.guidance.is_finite() || self.guidance < 0.0 {
-            return Err(Error::InvalidRequest(format!("guidance must be a finite number ≥ 0 (got {})", self.guidance)));
+        if !self.guidance.is_finite() || !(0.0..=MAX_GUIDANCE).contains(&self.guidance) {
+            return Err(Error::InvalidRequest(format!(
+                "guidance must be a number between 0 and {MAX_GUIDANCE} (got {})", self.guidance
+            )));
         }
         for (name, v) in [("width", self.width), ("height", self.height)] {
             if let Some(v) = v
@@ -163,6 +175,13 @@ impl StableDiffusion {
         req.validate()?;
         let (lh, lw) = self.latent_size(req)?;
         let (width, height) = self.image_size(req)?;
+        let work = (lh * lw).saturating_mul(req.steps);
+        if work > crate::limits::MAX_LATENT_PIXEL_STEPS {
+            return Err(Error::InvalidRequest(format!(
+                "{width}×{height} at {} steps is {work} latent pixel-steps, above the budget of {} (e.g. 512×512 at \
+                 1,024 steps); use fewer pixels or steps", req.steps, crate::limits::MAX_LATENT_PIXEL_STEPS
+            )));
+        }
         if let Target::Buffer(out) = &target
             && out.len() != width * height * 4
         {
@@ -188,6 +207,11 @@ impl StableDiffusion {
                 if l.dims() != shape {
                     return Err(Error::InvalidRequest(format!(
                         "init latents have shape {:?}, expected {:?} for {width}×{height}", l.dims(), shape
+                    )));
+                }
+                if crate::tensor::to_f32_vec(l.clone())?.iter().any(|x| !(x.abs() <= MAX_INIT_LATENT)) {
+                    return Err(Error::InvalidRequest(format!(
+                        "init latents must be finite values of magnitude ≤ {MAX_INIT_LATENT} (unit-variance noise)"
                     )));
                 }
                 self.float(l)
@@ -244,6 +268,7 @@ impl StableDiffusion {
             }
         }
 
+        finite(&crate::tensor::to_f32_vec(x.clone())?, "denoising loop")?;
         let t = Instant::now();
         let rgba = match target {
             Target::Rgba => {
@@ -271,6 +296,7 @@ impl StableDiffusion {
         if out.len() != h * w * 4 {
             return Err(Error::Internal(format!("decoded {w}×{h} pixels into a buffer of {} bytes", out.len())));
         }
+        finite(&crate::tensor::to_f32_vec(img.clone())?, "VAE decoder")?;
         let v = crate::tensor::to_f32_vec((img / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0)?;
         for (p, px) in out.chunks_exact_mut(4).enumerate() {
             for c in 0..3 {

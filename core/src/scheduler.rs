@@ -186,8 +186,17 @@ impl SchedulerConfig {
         }).collect())
     }
 
-    fn validate(&self) -> Result<()> {
+    /// Checks every value before anything is allocated from it (called at load and by [`Scheduler::new`]).
+    pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::invalid_model("scheduler_config.json", m));
+        for (name, x) in [("beta_start", self.beta_start), ("beta_end", self.beta_end)] {
+            if !(x.is_finite() && x > 0.0 && x < 1.0) {
+                return bad(format!("{name} = {x} must be in (0, 1)"));
+            }
+        }
+        if !(self.clip_sample_range.is_finite() && self.clip_sample_range > 0.0) {
+            return bad(format!("clip_sample_range = {} must be a finite number > 0", self.clip_sample_range));
+        }
         if self.rescale_betas_zero_snr || self.thresholding {
             return bad("rescale_betas_zero_snr and thresholding are not supported".into());
         }

@@ -129,6 +129,11 @@ impl ClipTokenizer {
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
+
+    /// The largest token id the tokenizer can produce (special tokens included).
+    pub fn max_id(&self) -> u32 {
+        self.inner.get_vocab(true).into_values().max().unwrap_or(0)
+    }
 }
 
 /// transformers' `CLIPTokenizer` pipeline as a `tokenizer.json` document around the given vocabulary and merges.

@@ -31,6 +31,12 @@ impl PerBlock {
             PerBlock::Each(v) => v.len() == n,
         }
     }
+    fn values(&self) -> &[usize] {
+        match self {
+            PerBlock::One(v) => std::slice::from_ref(v),
+            PerBlock::Each(v) => v,
+        }
+    }
 }
 
 fn default_groups() -> usize {
@@ -103,15 +109,45 @@ fn default_downsample_padding() -> usize {
 
 impl UNetConfig {
     pub fn validate(&self) -> std::result::Result<(), String> {
+        use crate::limits::{MAX_BLOCKS, MAX_HEADS, MAX_IO_CHANNELS, MAX_LAYERS, MAX_WIDTH, count, positive};
         let n = self.block_out_channels.len();
         if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
             return Err(format!("block_out_channels ({n}), down_block_types ({}) and up_block_types ({}) must have \
                                 the same non-zero length", self.down_block_types.len(), self.up_block_types.len()));
         }
-        for (name, v) in [("layers_per_block", &self.layers_per_block), ("attention_head_dim", &self.attention_head_dim),
-                          ("transformer_layers_per_block", &self.transformer_layers_per_block)] {
+        count("number of blocks", n, 1, MAX_BLOCKS)?;
+        count("in_channels", self.in_channels, 1, MAX_IO_CHANNELS)?;
+        count("out_channels", self.out_channels, 1, MAX_IO_CHANNELS)?;
+        count("cross_attention_dim", self.cross_attention_dim, 1, MAX_WIDTH)?;
+        count("norm_num_groups", self.norm_num_groups, 1, MAX_WIDTH)?;
+        count("downsample_padding", self.downsample_padding, 0, 8)?;
+        count("sample_size", self.sample_size.unwrap_or(64), 1, 1024)?;
+        positive("norm_eps", self.norm_eps)?;
+        if !self.freq_shift.is_finite() {
+            return Err("freq_shift must be finite".into());
+        }
+        for &c in &self.block_out_channels {
+            count("block_out_channels", c, 1, MAX_WIDTH)?;
+        }
+        let heads = self.num_attention_heads.as_ref().map(|h| ("num_attention_heads", h));
+        for (name, v, max) in [("layers_per_block", &self.layers_per_block, MAX_LAYERS),
+                               ("attention_head_dim", &self.attention_head_dim, MAX_HEADS),
+                               ("transformer_layers_per_block", &self.transformer_layers_per_block, MAX_LAYERS)]
+            .into_iter()
+            .chain(heads.map(|(name, h)| (name, h, MAX_HEADS)))
+        {
             if !v.len_ok(n) {
                 return Err(format!("{name} must be one number or one per block"));
+            }
+            for &x in v.values() {
+                count(name, x, 1, max)?;
+            }
+        }
+        for (i, &c) in self.block_out_channels.iter().enumerate() {
+            let attends = self.down_block_types[i] == "CrossAttnDownBlock2D" || i == n - 1
+                || self.up_block_types[n - 1 - i] == "CrossAttnUpBlock2D";
+            if attends && c % self.heads(i) != 0 {
+                return Err(format!("block {i}: {c} channels are not divisible into {} attention heads", self.heads(i)));
             }
         }
         for t in &self.down_block_types {

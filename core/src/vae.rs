@@ -53,8 +53,22 @@ pub struct VaeConfig {
 
 impl VaeConfig {
     pub fn validate(&self) -> std::result::Result<(), String> {
+        use crate::limits::{MAX_BLOCKS, MAX_IO_CHANNELS, MAX_LAYERS, MAX_WIDTH, count, positive};
         if self.block_out_channels.is_empty() {
             return Err("block_out_channels is empty".into());
+        }
+        count("number of blocks", self.block_out_channels.len(), 1, MAX_BLOCKS)?;
+        for &c in &self.block_out_channels {
+            count("block_out_channels", c, 1, MAX_WIDTH)?;
+        }
+        count("in_channels", self.in_channels, 1, MAX_IO_CHANNELS)?;
+        count("out_channels", self.out_channels, 1, MAX_IO_CHANNELS)?;
+        count("latent_channels", self.latent_channels, 1, MAX_IO_CHANNELS)?;
+        count("layers_per_block", self.layers_per_block, 1, MAX_LAYERS)?;
+        count("norm_num_groups", self.norm_num_groups, 1, MAX_WIDTH)?;
+        positive("scaling_factor", self.scaling_factor)?;
+        if self.shift_factor.is_some_and(|s| !s.is_finite()) {
+            return Err("shift_factor must be finite".into());
         }
         if self.down_block_types.iter().any(|t| t != "DownEncoderBlock2D")
             || self.up_block_types.iter().any(|t| t != "UpDecoderBlock2D")

@@ -142,18 +142,24 @@ pub fn write_safetensors(path: &Path, tensors: &[OwnedTensor], metadata: Option<
     write_atomic(path, &bytes)
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
+/// Writes `bytes` to `path` atomically: into a new temporary file beside it (created exclusively, so an existing
+/// file or symlink of that name is never followed or overwritten), flushed to disk, then renamed over `path`
+/// (which replaces a symlink at `path` instead of writing through it). A crash or a concurrent writer leaves
+/// either the old file or a complete new one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
     static WRITES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let partial = path.with_file_name(format!(".{name}.{}-{n}.partial", std::process::id()));
-    std::fs::write(&partial, bytes)
-        .and_then(|_| std::fs::rename(&partial, path))
-        .map_err(|e| {
-            let _ = std::fs::remove_file(&partial);
-            Error::io(path, e)
-        })
+    let written = std::fs::File::create_new(&partial).and_then(|mut f| {
+        f.write_all(bytes)?;
+        f.sync_all()
+    });
+    written.and_then(|_| std::fs::rename(&partial, path)).map_err(|e| {
+        let _ = std::fs::remove_file(&partial);
+        Error::io(path, e)
+    })
 }
 
 /// Reads the f32 tensor `name` of rank `rank` from a safetensors file, refusing other dtypes, shapes and NaN/Inf.

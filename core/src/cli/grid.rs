@@ -69,6 +69,13 @@ pub fn run(a: Args) -> Result<()> {
     if a.steps == 0 || a.seeds == 0 || !(1..=64).contains(&a.scale) || a.columns == Some(0) {
         return Err(Error::InvalidRequest("--steps, --seeds and --columns must be at least 1, --scale 1..=64".into()));
     }
+    let images = (a.prompts.len() as u64).checked_mul(a.seeds).filter(|&n| n <= unsee::limits::MAX_GRID_IMAGES);
+    if images.is_none() {
+        return Err(Error::InvalidRequest(format!(
+            "{} prompts × {} seeds is more than {} images per model", a.prompts.len(), a.seeds,
+            unsee::limits::MAX_GRID_IMAGES
+        )));
+    }
     let spec = a.spec.as_deref().map(Spec::from_file).transpose()?;
     let mut engine = a.model.open()?;
     let cells: Vec<(&String, u64)> = a.prompts.iter().flat_map(|p| (0..a.seeds).map(move |s| (p, s))).collect();

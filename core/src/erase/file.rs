@@ -2,8 +2,12 @@
 //!
 //! Tensors: `<component>.<matrix>.R` (f32, d_out × r) and `<component>.<matrix>.X` (f32, d_in × r), with
 //! ΔW = R·Xᵀ. Metadata: `format = "unsee-erasure"`, `version`, `method`, `spec` (the resolved spec as JSON),
-//! `concepts`, `replacements`, `base_hashes` (hash of every edited matrix before the edit) and
-//! `text_encoder_hash`. A file is applied only to weights that hash the same.
+//! `concepts`, `replacements`, `base_hashes` (hash of every edited matrix before the edit), `text_encoder_hash`
+//! and `factors_sha256`: the SHA-256 of the claims (method, concepts, replacements, base hashes, text-encoder hash)
+//! and of every factor's name, shape and bytes, so a file cannot claim to erase a concept other than the one its
+//! factors were computed for without it showing (the signed bundles build on this digest). A file is applied only
+//! to weights that hash the same; empty, zero or non-finite factors, and updates larger than
+//! [`MAX_RELATIVE_UPDATE`] × the matrix, are refused.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -18,7 +22,33 @@ use crate::load::StableDiffusion;
 use crate::weights::{MappedSafetensors, OwnedTensor, write_safetensors};
 
 pub const FORMAT: &str = "unsee-erasure";
-pub const VERSION: &str = "1";
+pub const VERSION: &str = "2";
+/// The largest ‖ΔW‖_F / ‖W‖_F an erasure file may apply (closed-form edits change a matrix by a fraction of its
+/// norm; a factor scaled by 1e30 is an attack or a bug, not an erasure).
+pub const MAX_RELATIVE_UPDATE: f64 = 100.0;
+
+/// SHA-256 binding an erasure file's claims to its factors (`factors` = (name, shape, little-endian f32 bytes)).
+fn factors_digest(method: &str, concepts: &str, replacements: &str, base_hashes: &str, te_hash: &str,
+                  factors: &[(String, Vec<usize>, Vec<u8>)]) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for claim in [FORMAT, VERSION, method, concepts, replacements, base_hashes, te_hash] {
+        h.update((claim.len() as u64).to_le_bytes());
+        h.update(claim.as_bytes());
+    }
+    let mut sorted: Vec<&(String, Vec<usize>, Vec<u8>)> = factors.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, shape, bytes) in sorted {
+        h.update((name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        for &s in shape {
+            h.update((s as u64).to_le_bytes());
+        }
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    }
+    format!("{:x}", h.finalize())
+}
 
 /// What an erasure file says about itself.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -42,16 +72,23 @@ pub fn save(edit: &Edit, path: &Path) -> Result<()> {
             tensors.push(OwnedTensor::f32(format!("{key}.{suffix}"), vec![m.nrows(), m.ncols()], &linalg::to_f32(m)));
         }
     }
+    let method = edit.spec.method.name().to_string();
+    let concepts = to_json(&edit.spec.erase.iter().map(|e| &e.concept).collect::<Vec<_>>())?;
+    let replacements = to_json(&edit.spec.erase.iter().map(|e| &e.replace_with).collect::<Vec<_>>())?;
+    let base_hashes = to_json(&edit.base_hashes)?;
+    let factors: Vec<(String, Vec<usize>, Vec<u8>)> =
+        tensors.iter().map(|t| (t.name.clone(), t.shape.clone(), t.bytes.clone())).collect();
+    let digest = factors_digest(&method, &concepts, &replacements, &base_hashes, &edit.text_encoder_hash, &factors);
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), FORMAT.to_string());
     meta.insert("version".to_string(), VERSION.to_string());
-    meta.insert("method".to_string(), edit.spec.method.name().to_string());
+    meta.insert("method".to_string(), method);
     meta.insert("spec".to_string(), to_json(&edit.spec)?);
-    meta.insert("concepts".to_string(), to_json(&edit.spec.erase.iter().map(|e| &e.concept).collect::<Vec<_>>())?);
-    meta.insert("replacements".to_string(),
-                to_json(&edit.spec.erase.iter().map(|e| &e.replace_with).collect::<Vec<_>>())?);
-    meta.insert("base_hashes".to_string(), to_json(&edit.base_hashes)?);
+    meta.insert("concepts".to_string(), concepts);
+    meta.insert("replacements".to_string(), replacements);
+    meta.insert("base_hashes".to_string(), base_hashes);
     meta.insert("text_encoder_hash".to_string(), edit.text_encoder_hash.clone());
+    meta.insert("factors_sha256".to_string(), digest);
     write_safetensors(path, &tensors, Some(meta))
 }
 
@@ -80,7 +117,12 @@ pub fn load(path: &Path) -> Result<(ErasureInfo, Vec<Delta>)> {
     };
     let base_hashes: BTreeMap<String, String> =
         serde_json::from_value(json("base_hashes")?).map_err(|e| bad(format!("base_hashes: {e}")))?;
+    if base_hashes.is_empty() {
+        return Err(bad("it edits no matrix".into()));
+    }
+    let text = |k: &str| meta.get(k).cloned().ok_or_else(|| bad(format!("no {k}")));
     let st = mapped.tensors();
+    let mut factors = vec![];
     let mut deltas = vec![];
     for key in base_hashes.keys() {
         let (component, name) = match key.split_once('.') {
@@ -88,33 +130,51 @@ pub fn load(path: &Path) -> Result<(ErasureInfo, Vec<Delta>)> {
             Some(("text_encoder", n)) => (Component::TextEncoder, n),
             _ => return Err(bad(format!("unknown matrix {key}"))),
         };
-        let read = |suffix: &str| -> Result<linalg::M> {
+        let read = |suffix: &str| -> Result<(linalg::M, Vec<usize>, Vec<u8>)> {
             let v = st.tensor(&format!("{key}.{suffix}")).map_err(|_| bad(format!("missing {key}.{suffix}")))?;
             if v.dtype() != Dtype::F32 || v.shape().len() != 2 {
                 return Err(bad(format!("{key}.{suffix} must be a 2-D f32 tensor")));
             }
-            let f: Vec<f32> = v.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+            let f: Vec<f32> = v.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
             if f.iter().any(|x| !x.is_finite()) {
                 return Err(bad(format!("{key}.{suffix} contains NaN or Inf")));
             }
-            Ok(linalg::from_f32(v.shape()[0], v.shape()[1], &f))
+            Ok((linalg::from_f32(v.shape()[0], v.shape()[1], &f), v.shape().to_vec(), v.data().to_vec()))
         };
-        let (r, x) = (read("R")?, read("X")?);
-        if r.ncols() != x.ncols() {
-            return Err(bad(format!("{key}: R and X have different ranks")));
+        let ((r, r_shape, r_bytes), (x, x_shape, x_bytes)) = (read("R")?, read("X")?);
+        if r.ncols() != x.ncols() || r.ncols() == 0 {
+            return Err(bad(format!("{key}: R and X must have the same rank ≥ 1")));
         }
-        deltas.push(Delta { component, name: name.to_string(), r, x });
+        let delta = Delta { component, name: name.to_string(), r, x };
+        let norm = linalg::frob(&delta.dense());
+        if !(norm.is_finite() && norm > 0.0) {
+            return Err(bad(format!("{key}: the update is {norm} (empty, zero or overflowing)")));
+        }
+        factors.push((format!("{key}.R"), r_shape, r_bytes));
+        factors.push((format!("{key}.X"), x_shape, x_bytes));
+        deltas.push(delta);
+    }
+    let method = text("method")?;
+    let (concepts, replacements) = (text("concepts")?, text("replacements")?);
+    let te_hash = text("text_encoder_hash")?;
+    let base_json = text("base_hashes")?;
+    let digest = factors_digest(&method, &concepts, &replacements, &base_json, &te_hash, &factors);
+    if meta.get("factors_sha256") != Some(&digest) {
+        return Err(bad("factors_sha256 does not match its claims and factors (altered after it was written)".into()));
     }
     let info = ErasureInfo {
-        method: meta.get("method").cloned().unwrap_or_default(),
+        method,
         concepts: strings(json("concepts")?),
         replacements: strings(json("replacements")?),
         spec: json("spec")?,
         base_hashes,
-        text_encoder_hash: meta.get("text_encoder_hash").cloned().unwrap_or_default(),
+        text_encoder_hash: te_hash,
         matrices: deltas.len(),
         rank: deltas.iter().map(|d| d.r.ncols()).max().unwrap_or(0),
     };
+    if info.concepts.is_empty() {
+        return Err(bad("it names no concept".into()));
+    }
     Ok((info, deltas))
 }
 
@@ -149,7 +209,14 @@ pub fn apply_checked(sd: &mut StableDiffusion, path: &Path, info: &ErasureInfo, 
                 message: format!("{key} is {w_out}×{w_in} in the model, {d_out}×{d_in} in the erasure"),
             });
         }
-        if Some(&hash_matrix(&read_weight(lin)?)) != info.base_hashes.get(&key) {
+        let w = read_weight(lin)?;
+        let (update, norm) = (linalg::frob(&d.dense()), linalg::frob(&w));
+        if update > MAX_RELATIVE_UPDATE * norm {
+            return Err(Error::InvalidErasureFile { file: path.to_path_buf(), message: format!(
+                "{key}: the update is {:.3e} × the matrix (more than {MAX_RELATIVE_UPDATE}×)", update / norm.max(1e-30)
+            ) });
+        }
+        if Some(&hash_matrix(&w)) != info.base_hashes.get(&key) {
             return Err(Error::ErasureMismatch {
                 file: path.to_path_buf(),
                 message: format!("{key} differs from the weights the erasure was computed for (another base model, \
@@ -164,15 +231,50 @@ pub fn apply_checked(sd: &mut StableDiffusion, path: &Path, info: &ErasureInfo, 
 }
 
 /// Writes a complete diffusers folder with the edited weights: every file of the base folder is copied, and the
-/// edited matrices are rewritten in their original dtype.
+/// edited matrices are rewritten in their original dtype. The folder is built beside `out` under a temporary name
+/// and renamed into place at the end, so `out` is either absent or complete. Only regular files are copied (a FIFO
+/// or a device is refused, never opened); a symlink is followed only to a regular file inside the model folder (or,
+/// for a Hugging Face cache snapshot, inside its repository folder); `out` may not lie inside the model folder.
 pub fn bake(sd: &StableDiffusion, deltas: &[Delta], out: &Path) -> Result<()> {
     let crate::model::ModelLocation::Folder(src) = &sd.location else {
         return Err(Error::InvalidRequest("--bake needs a diffusers folder as the base model".into()));
     };
-    if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(false) {
+    if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
         return Err(Error::InvalidRequest(format!("{} exists and is not empty", out.display())));
     }
-    copy_dir(src, out)?;
+    let src = std::fs::canonicalize(src).map_err(|e| Error::io(src, e))?;
+    let name = out.file_name().ok_or_else(|| Error::InvalidRequest(format!("{} names no folder", out.display())))?;
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let parent = std::fs::canonicalize(&parent).map_err(|e| Error::io(&parent, e))?;
+    if parent.join(name).starts_with(&src) {
+        return Err(Error::InvalidRequest(format!("{} lies inside the model folder it would copy", out.display())));
+    }
+    // Symlinks may lead to the snapshot's repository folder (models--org--name/blobs), nowhere else.
+    let mut roots = vec![src.clone()];
+    if src.parent().and_then(|p| p.file_name()).is_some_and(|n| n == "snapshots")
+        && let Some(repo) = src.parent().and_then(Path::parent)
+    {
+        roots.push(repo.to_path_buf());
+    }
+    let staging = parent.join(format!(".{}.baking-{}", name.to_string_lossy(), std::process::id()));
+    let built = copy_dir(&src, &staging, &roots, 0).and_then(|_| bake_deltas(deltas, &staging));
+    let done = built.and_then(|_| {
+        if out.exists() {
+            std::fs::remove_dir(out).map_err(|e| Error::io(out, e))?;
+        }
+        std::fs::rename(&staging, out).map_err(|e| Error::io(out, e))
+    });
+    if done.is_err() {
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    done
+}
+
+/// Rewrites the edited matrices of the copied folder `out`.
+fn bake_deltas(deltas: &[Delta], out: &Path) -> Result<()> {
     for (component, stem) in [(Component::Unet, "diffusion_pytorch_model"), (Component::TextEncoder, "model")] {
         let edited: Vec<&Delta> = deltas.iter().filter(|d| d.component == component).collect();
         if edited.is_empty() {
@@ -221,22 +323,39 @@ pub fn bake(sd: &StableDiffusion, deltas: &[Delta], out: &Path) -> Result<()> {
         let bytes = safetensors::serialize(views, header.metadata().clone())
             .map_err(|e| Error::Internal(e.to_string()))?;
         drop(mapped);
-        std::fs::write(&file, bytes).map_err(|e| Error::io(&file, e))?;
+        crate::weights::write_atomic(&file, &bytes)?;
     }
     Ok(())
 }
 
-fn copy_dir(from: &Path, to: &Path) -> Result<()> {
-    std::fs::create_dir_all(to).map_err(|e| Error::io(to, e))?;
+/// Copies the regular files of `from` into the new folder `to` (see [`bake`] for what is refused).
+fn copy_dir(from: &Path, to: &Path, roots: &[std::path::PathBuf], depth: usize) -> Result<()> {
+    if depth > 16 {
+        return Err(Error::InvalidRequest(format!("{} is nested more than 16 folders deep", from.display())));
+    }
+    std::fs::create_dir(to).map_err(|e| Error::io(to, e))?;
     for e in std::fs::read_dir(from).map_err(|e| Error::io(from, e))? {
         let e = e.map_err(|e| Error::io(from, e))?;
-        let p = e.path();
-        let dst = to.join(e.file_name());
-        if p.is_dir() {
-            copy_dir(&p, &dst)?;
-        } else {
-            std::fs::copy(&p, &dst).map_err(|e| Error::io(&p, e))?;
+        let (p, dst) = (e.path(), to.join(e.file_name()));
+        let kind = e.file_type().map_err(|e| Error::io(&p, e))?;
+        let refuse = |why: &str| Err(Error::InvalidModel { path: p.clone(), message: why.to_string() });
+        if kind.is_dir() {
+            copy_dir(&p, &dst, roots, depth + 1)?;
+            continue;
         }
+        let source = if kind.is_symlink() {
+            let target = std::fs::canonicalize(&p).map_err(|e| Error::io(&p, e))?;
+            if !roots.iter().any(|r| target.starts_with(r)) {
+                return refuse("a symlink that leads out of the model folder");
+            }
+            target
+        } else {
+            p.clone()
+        };
+        if !std::fs::metadata(&source).map_err(|e| Error::io(&source, e))?.is_file() {
+            return refuse("not a regular file (a FIFO, device, socket or linked folder)");
+        }
+        std::fs::copy(&source, &dst).map_err(|e| Error::io(&source, e))?;
     }
     Ok(())
 }

@@ -161,6 +161,49 @@ const RANGES: [(&str, f64, f64, bool); 6] = [
 ];
 const MAX_ROUNDS: usize = 20;
 const MAX_AUGMENT: usize = 100;
+/// Size limit of a spec and of the files it names.
+pub const MAX_SPEC_FILE_BYTES: u64 = 1 << 20;
+/// Key columns an edit may solve for: (concepts × templates) × positions per prompt (1 for `last`, up to 77 for
+/// `tail` and `all`), so the key matrices stay well under 1 GB on SD-1.x (768 wide, f64).
+pub const MAX_EDIT_KEYS: usize = 20_000;
+/// Preserve prompts × templates (each is encoded once).
+pub const MAX_PRESERVE_PROMPTS: usize = 100_000;
+
+/// Reads a text file of at most `limit` bytes; only regular files (a FIFO or a device would hang or never end).
+pub fn read_text_file(path: &Path, limit: u64) -> std::result::Result<String, String> {
+    use std::io::Read;
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if !meta.is_file() {
+        return Err(format!("{} is not a regular file", path.display()));
+    }
+    if meta.len() > limit {
+        return Err(format!("{} is larger than {limit} bytes", path.display()));
+    }
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(limit + 1).read_to_string(&mut text))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if text.len() as u64 > limit {
+        return Err(format!("{} is larger than {limit} bytes", path.display()));
+    }
+    Ok(text)
+}
+
+/// `file` (as written in a spec) resolved inside `base_dir`: relative, no `..`, and not leading out through a
+/// symlink — a spec cannot make unsee read files outside its own folder.
+fn inside(base_dir: &Path, file: &str) -> std::result::Result<PathBuf, String> {
+    let rel = Path::new(file);
+    if rel.is_absolute() || rel.components().any(|c| !matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir)) {
+        return Err(format!("{file:?} must be a relative path inside the spec's folder"));
+    }
+    let base = std::fs::canonicalize(if base_dir.as_os_str().is_empty() { Path::new(".") } else { base_dir })
+        .map_err(|e| format!("{}: {e}", base_dir.display()))?;
+    let p = std::fs::canonicalize(base.join(rel)).map_err(|e| format!("{file}: {e}"))?;
+    if !p.starts_with(&base) {
+        return Err(format!("{file:?} leads outside the spec's folder"));
+    }
+    Ok(p)
+}
 
 impl Method {
     /// The matrices a method may edit.
@@ -273,7 +316,10 @@ impl Src<'_> {
 
 impl Spec {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        if !path.exists() {
+            return Err(Error::io(path, std::io::Error::from(std::io::ErrorKind::NotFound)));
+        }
+        let text = read_text_file(path, MAX_SPEC_FILE_BYTES).map_err(invalid)?;
         Self::parse(&text, path)
     }
 
@@ -354,9 +400,9 @@ impl Spec {
                 Some(named) => named,
                 None => {
                     let file = t.get_ref().as_str();
-                    let p = base_dir.join(file);
-                    let text = std::fs::read_to_string(&p)
-                        .or_else(|_| src.err(t.span(), format!("templates file {} cannot be read", p.display())))?;
+                    let p = src.at(t.span(), inside(&base_dir, file))?;
+                    let text = src.at(t.span(), read_text_file(&p, MAX_SPEC_FILE_BYTES)
+                        .map_err(|e| format!("templates file cannot be read: {e}")))?;
                     let lines: Vec<String> =
                         text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect();
                     src.at(t.span(), check_templates(&lines).map_err(|m| format!("{}: {m}", p.display())))?;
@@ -371,9 +417,9 @@ impl Spec {
             spec.preserve.push(prompt);
         }
         if let Some(f) = &raw.preserve_file {
-            let p = base_dir.join(f.get_ref());
-            let text = std::fs::read_to_string(&p)
-                .or_else(|_| src.err(f.span(), format!("preserve_file {} cannot be read", p.display())))?;
+            let p = src.at(f.span(), inside(&base_dir, f.get_ref()))?;
+            let text = src.at(f.span(), read_text_file(&p, MAX_SPEC_FILE_BYTES)
+                .map_err(|e| format!("preserve_file cannot be read: {e}")))?;
             for l in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
                 src.at(f.span(), check_preserve(method, l, &spec.erase))?;
                 spec.preserve.push(l.to_string());
@@ -451,6 +497,17 @@ impl Spec {
         check(check_count("rounds", self.rounds as i64, MAX_ROUNDS).map(|_| ()))?;
         check(check_count("augment", self.augment as i64, MAX_AUGMENT).map(|_| ()))?;
         check(check_templates(&self.templates))?;
+        let per_prompt = if self.token_mode == TokenMode::Last { 1 } else { crate::tokenizer::MAX_LENGTH };
+        let keys = self.erase.len().saturating_mul(self.templates.len()).saturating_mul(per_prompt);
+        if keys > MAX_EDIT_KEYS {
+            return Err(invalid(format!(
+                "{} concepts × {} templates × {per_prompt} positions = {keys} keys: more than {MAX_EDIT_KEYS}",
+                self.erase.len(), self.templates.len()
+            )));
+        }
+        if self.preserve.len().saturating_mul(self.templates.len()) > MAX_PRESERVE_PROMPTS {
+            return Err(invalid(format!("more than {MAX_PRESERVE_PROMPTS} preserve prompts × templates")));
+        }
         for p in &self.preserve {
             check(check_preserve(self.method, p, &self.erase))?;
         }
