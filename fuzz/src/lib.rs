@@ -1,0 +1,2 @@
+//! Harnesses of the fuzz targets (see `harness.rs`).
+pub mod harness;
