@@ -364,8 +364,8 @@ impl Engine {
 }
 
 fn parse_spec(spec_toml: &str) -> Result<unsee::erase::spec::Spec, UnseeError> {
-    // Relative `preserve_file`/`templates` paths resolve against the working directory.
-    Ok(unsee::erase::spec::Spec::parse(spec_toml, Path::new("<spec>"))?)
+    // `preserve_file`/`templates` paths are the app's: absolute, or relative to the working directory.
+    Ok(unsee::erase::spec::Spec::parse_inline(spec_toml)?)
 }
 
 #[uniffi::export]
@@ -404,6 +404,8 @@ impl Engine {
             let cancelled = || cancel.as_ref().is_some_and(|c| c.is_cancelled());
             unsee::engine::check_cancelled(&cancelled)?;
             let engine = self.lock();
+            // Again once the engine is ours: the call may have waited for another one.
+            unsee::engine::check_cancelled(&cancelled)?;
             let mut report = |step: usize, total: usize| {
                 if let Some(p) = &progress {
                     p.on_step(step as i32, total as i32);

@@ -70,8 +70,8 @@ pub struct AppliedErasure {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct FileInfo {
     pub file: PathBuf,
-    /// Values per storage dtype.
-    pub dtypes: BTreeMap<String, usize>,
+    /// Values per storage dtype (`None` if the file can no longer be read).
+    pub dtypes: Option<BTreeMap<String, usize>>,
 }
 
 /// What `unsee info` and the bindings' `info` report.
@@ -199,7 +199,8 @@ impl Engine {
         ]);
         let mut files = BTreeMap::new();
         for (c, f) in &sd.files {
-            files.insert(c.clone(), FileInfo { file: f.clone(), dtypes: MappedSafetensors::open(f)?.dtypes() });
+            let dtypes = MappedSafetensors::open(f).ok().map(|m| m.dtypes());
+            files.insert(c.clone(), FileInfo { file: f.clone(), dtypes });
         }
         Ok(EngineInfo {
             model: format!("{:?}", sd.location),

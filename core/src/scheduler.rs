@@ -310,6 +310,10 @@ impl Scheduler {
             return Err(Error::InvalidRequest(format!("steps ({steps}) cannot exceed num_train_timesteps ({n_train})")));
         }
         cfg.validate()?;
+        if cfg.rescale_betas_zero_snr || cfg.thresholding {
+            return Err(Error::invalid_model("scheduler_config.json",
+                "rescale_betas_zero_snr and thresholding are not supported"));
+        }
         let ac = cfg.alphas_cumprod()?;
         let train_sigmas: Vec<f64> = ac.iter().map(|a| ((1.0 - a) / a).sqrt()).collect();
         let off = cfg.steps_offset as f64;

@@ -252,6 +252,21 @@ fn erasure_files_cannot_lie_about_what_they_do() {
     let e = file::apply_file(&mut base.clone(), &lie).unwrap_err();
     assert!(matches!(e, unsee::Error::InvalidErasureFile { .. }) && e.to_string().contains("factors_sha256"), "{e}");
 
+    // Factors of a 60,000 × 60,000 matrix (a 29 GB product) in a tiny file: refused before any product is formed.
+    let col = vec![0u8; 60_000 * 4];
+    let views = vec![
+        ("unet.m.R".to_string(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![60_000, 1], &col).unwrap()),
+        ("unet.m.X".to_string(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![60_000, 1], &col).unwrap()),
+    ];
+    let meta = std::collections::HashMap::from([
+        ("format".to_string(), "unsee-erasure".to_string()), ("version".to_string(), "2".to_string()),
+        ("base_hashes".to_string(), "{\"unet.m\": \"x\"}".to_string()),
+    ]);
+    let big = d.join("big.safetensors");
+    safetensors::serialize_to_file(views, Some(meta), &big).unwrap();
+    let e = file::load(&big).unwrap_err();
+    assert!(e.to_string().contains("larger than any unsee edits"), "{e}");
+
     // Zero factors (a well-formed file that does nothing) and factors ×1e30.
     for (name, scale, needle) in [("zero", 0.0, "empty, zero"), ("huge", 1e20, "× the matrix")] {
         let mut scaled = edit.clone();
@@ -263,4 +278,36 @@ fn erasure_files_cannot_lie_about_what_they_do() {
         let e = file::apply_file(&mut base.clone(), &p).unwrap_err();
         assert!(matches!(e, unsee::Error::InvalidErasureFile { .. }) && e.to_string().contains(needle), "{name}: {e}");
     }
+}
+
+/// `--bake` with several erasures in effect writes all of them (summed per matrix), equal to applying the files.
+#[test]
+fn bake_writes_every_erasure_in_effect() {
+    use unsee::engine::{Engine, EngineOptions};
+    use unsee::erase::spec::Spec;
+    let d = tmp("bake-all");
+    let mut engine = Engine::open(&EngineOptions {
+        model: model_dir("tiny"), device: unsee::device::DeviceChoice::Cpu, ..Default::default()
+    }).unwrap();
+    let a = Spec::parse(SPEC, Path::new("a.toml")).unwrap();
+    let b = Spec::parse("method = \"uce\"\n[[erase]]\nconcept = \"Monet\"\nreplace_with = \"art\"\n",
+                        Path::new("b.toml")).unwrap();
+    engine.erase(&a, None).unwrap();
+    engine.erase(&b, None).unwrap();
+    let out = d.join("baked");
+    engine.bake(&out).unwrap();
+    let baked = Engine::open(&EngineOptions { model: out, device: unsee::device::DeviceChoice::Cpu, ..Default::default() })
+        .unwrap();
+    let names = unsee::erase::cross_attention_names(&engine.model().unet, &["to_k".into(), "to_v".into()]);
+    let base = Engine::open(&EngineOptions { model: model_dir("tiny"), device: unsee::device::DeviceChoice::Cpu,
+                                             ..Default::default() }).unwrap();
+    let (mut worst, mut moved): (f64, f64) = (0.0, 0.0);
+    for n in &names {
+        let read = |e: &Engine| unsee::erase::read_matrix(e.model(), unsee::erase::Component::Unet, n).unwrap();
+        let (want, got) = (read(&engine), read(&baked));
+        worst = worst.max(unsee::erase::linalg::frob(&(&want - &got)));
+        moved = moved.max(unsee::erase::linalg::frob(&(&read(&base) - &want)));
+    }
+    assert!(moved > 1e-3, "the erasures changed nothing");
+    assert!(worst < 1e-4, "the baked weights differ from the engine's by {worst:e} (an erasure was lost?)");
 }

@@ -26,13 +26,15 @@ pub const VERSION: &str = "2";
 /// The largest ‖ΔW‖_F / ‖W‖_F an erasure file may apply (closed-form edits change a matrix by a fraction of its
 /// norm; a factor scaled by 1e30 is an attack or a bug, not an erasure).
 pub const MAX_RELATIVE_UPDATE: f64 = 100.0;
+/// The largest matrix (d_out × d_in) an erasure file may edit: 16 M entries (SD-1.x's largest edited matrix, a
+/// text-encoder `fc2`, has 2.4 M; SDXL's 6.6 M), so checking a file never allocates more than 128 MB.
+pub const MAX_MATRIX_ENTRIES: usize = 16 << 20;
 
 /// SHA-256 binding an erasure file's claims to its factors (`factors` = (name, shape, little-endian f32 bytes)).
-fn factors_digest(method: &str, concepts: &str, replacements: &str, base_hashes: &str, te_hash: &str,
-                  factors: &[(String, Vec<usize>, Vec<u8>)]) -> String {
+fn factors_digest(claims: [&str; 6], factors: &[(String, Vec<usize>, Vec<u8>)]) -> String {
     use sha2::Digest;
     let mut h = sha2::Sha256::new();
-    for claim in [FORMAT, VERSION, method, concepts, replacements, base_hashes, te_hash] {
+    for claim in [FORMAT, VERSION].into_iter().chain(claims) {
         h.update((claim.len() as u64).to_le_bytes());
         h.update(claim.as_bytes());
     }
@@ -78,12 +80,14 @@ pub fn save(edit: &Edit, path: &Path) -> Result<()> {
     let base_hashes = to_json(&edit.base_hashes)?;
     let factors: Vec<(String, Vec<usize>, Vec<u8>)> =
         tensors.iter().map(|t| (t.name.clone(), t.shape.clone(), t.bytes.clone())).collect();
-    let digest = factors_digest(&method, &concepts, &replacements, &base_hashes, &edit.text_encoder_hash, &factors);
+    let spec = to_json(&edit.spec)?;
+    let digest =
+        factors_digest([&method, &spec, &concepts, &replacements, &base_hashes, &edit.text_encoder_hash], &factors);
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), FORMAT.to_string());
     meta.insert("version".to_string(), VERSION.to_string());
     meta.insert("method".to_string(), method);
-    meta.insert("spec".to_string(), to_json(&edit.spec)?);
+    meta.insert("spec".to_string(), spec);
     meta.insert("concepts".to_string(), concepts);
     meta.insert("replacements".to_string(), replacements);
     meta.insert("base_hashes".to_string(), base_hashes);
@@ -130,6 +134,13 @@ pub fn load(path: &Path) -> Result<(ErasureInfo, Vec<Delta>)> {
             Some(("text_encoder", n)) => (Component::TextEncoder, n),
             _ => return Err(bad(format!("unknown matrix {key}"))),
         };
+        let dims = |suffix: &str| -> Result<Vec<usize>> {
+            let v = st.tensor(&format!("{key}.{suffix}")).map_err(|_| bad(format!("missing {key}.{suffix}")))?;
+            if v.dtype() != Dtype::F32 || v.shape().len() != 2 {
+                return Err(bad(format!("{key}.{suffix} must be a 2-D f32 tensor")));
+            }
+            Ok(v.shape().to_vec())
+        };
         let read = |suffix: &str| -> Result<(linalg::M, Vec<usize>, Vec<u8>)> {
             let v = st.tensor(&format!("{key}.{suffix}")).map_err(|_| bad(format!("missing {key}.{suffix}")))?;
             if v.dtype() != Dtype::F32 || v.shape().len() != 2 {
@@ -141,10 +152,15 @@ pub fn load(path: &Path) -> Result<(ErasureInfo, Vec<Delta>)> {
             }
             Ok((linalg::from_f32(v.shape()[0], v.shape()[1], &f), v.shape().to_vec(), v.data().to_vec()))
         };
-        let ((r, r_shape, r_bytes), (x, x_shape, x_bytes)) = (read("R")?, read("X")?);
-        if r.ncols() != x.ncols() || r.ncols() == 0 {
-            return Err(bad(format!("{key}: R and X must have the same rank ≥ 1")));
+        let (r_dims, x_dims) = (dims("R")?, dims("X")?);
+        let (d_out, d_in, rank) = (r_dims[0], x_dims[0], r_dims[1]);
+        if rank != x_dims[1] || rank == 0 || rank > d_out.max(d_in) {
+            return Err(bad(format!("{key}: R and X must have the same rank, between 1 and the matrix width")));
         }
+        if d_out.max(d_in) > crate::limits::MAX_WIDTH || d_out * d_in > MAX_MATRIX_ENTRIES {
+            return Err(bad(format!("{key}: a {d_out}×{d_in} matrix is larger than any unsee edits")));
+        }
+        let ((r, r_shape, r_bytes), (x, x_shape, x_bytes)) = (read("R")?, read("X")?);
         let delta = Delta { component, name: name.to_string(), r, x };
         let norm = linalg::frob(&delta.dense());
         if !(norm.is_finite() && norm > 0.0) {
@@ -158,7 +174,8 @@ pub fn load(path: &Path) -> Result<(ErasureInfo, Vec<Delta>)> {
     let (concepts, replacements) = (text("concepts")?, text("replacements")?);
     let te_hash = text("text_encoder_hash")?;
     let base_json = text("base_hashes")?;
-    let digest = factors_digest(&method, &concepts, &replacements, &base_json, &te_hash, &factors);
+    let spec_json = text("spec")?;
+    let digest = factors_digest([&method, &spec_json, &concepts, &replacements, &base_json, &te_hash], &factors);
     if meta.get("factors_sha256") != Some(&digest) {
         return Err(bad("factors_sha256 does not match its claims and factors (altered after it was written)".into()));
     }
@@ -259,7 +276,11 @@ pub fn bake(sd: &StableDiffusion, deltas: &[Delta], out: &Path) -> Result<()> {
     {
         roots.push(repo.to_path_buf());
     }
-    let staging = parent.join(format!(".{}.baking-{}", name.to_string_lossy(), std::process::id()));
+    static BAKES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = BAKES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let staging = parent.join(format!(".{}.baking-{}-{n}", name.to_string_lossy(), std::process::id()));
+    // Created here, exclusively: only a folder this call created is ever removed.
+    std::fs::create_dir(&staging).map_err(|e| Error::io(&staging, e))?;
     let built = copy_dir(&src, &staging, &roots, 0).and_then(|_| bake_deltas(deltas, &staging));
     let done = built.and_then(|_| {
         if out.exists() {
@@ -287,19 +308,29 @@ fn bake_deltas(deltas: &[Delta], out: &Path) -> Result<()> {
         let file = crate::model::component_weights(out, folder, stem)?;
         let mapped = MappedSafetensors::open(&file)?;
         let st = mapped.tensors();
-        let mut replaced: HashMap<String, (Dtype, Vec<usize>, Vec<u8>)> = HashMap::new();
+        // Every erasure in effect, summed per matrix (several edits of one matrix add up).
+        let mut sums: Vec<(&str, linalg::M)> = vec![];
         for d in &edited {
+            match sums.iter_mut().find(|(n, _)| *n == d.name) {
+                Some((_, sum)) => *sum += d.dense(),
+                None => sums.push((&d.name, d.dense())),
+            }
+        }
+        let mut replaced: HashMap<String, (Dtype, Vec<usize>, Vec<u8>)> = HashMap::new();
+        for (name, dense) in &sums {
             // The file may name text-encoder weights with or without the `text_model.` prefix.
-            let candidates = [format!("{}.weight", d.name),
-                              d.name.strip_prefix("text_model.").map(|n| format!("{n}.weight")).unwrap_or_default()];
-            let key = candidates.iter().find(|k| st.tensor(k).is_ok()).cloned().ok_or_else(|| {
+            let candidates = [format!("{name}.weight"),
+                              name.strip_prefix("text_model.").map(|n| format!("{n}.weight")).unwrap_or_default()];
+            let (key, v) = candidates.iter().find_map(|k| st.tensor(k).ok().map(|v| (k.clone(), v))).ok_or_else(|| {
                 Error::Internal(format!("{} has no {}", file.display(), candidates[0]))
             })?;
-            let v = st.tensor(&key).unwrap();
-            let (d_out, d_in) = (v.shape()[0], v.shape()[1]);
-            let dense = d.dense();
+            if v.shape() != [dense.nrows(), dense.ncols()] {
+                return Err(Error::Internal(format!("{key}: {:?} in the file, {}×{} in the edit", v.shape(),
+                                                   dense.nrows(), dense.ncols())));
+            }
+            let (d_out, d_in) = (dense.nrows(), dense.ncols());
             let old: Vec<f32> = match v.dtype() {
-                Dtype::F32 => v.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
+                Dtype::F32 => v.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
                 Dtype::F16 => v.data().chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
                 Dtype::BF16 => v.data().chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
                 other => return Err(Error::Internal(format!("{key}: cannot bake into {other:?}"))),
@@ -329,17 +360,18 @@ fn bake_deltas(deltas: &[Delta], out: &Path) -> Result<()> {
 }
 
 /// Copies the regular files of `from` into the new folder `to` (see [`bake`] for what is refused).
+/// `to` must exist and be empty.
 fn copy_dir(from: &Path, to: &Path, roots: &[std::path::PathBuf], depth: usize) -> Result<()> {
     if depth > 16 {
         return Err(Error::InvalidRequest(format!("{} is nested more than 16 folders deep", from.display())));
     }
-    std::fs::create_dir(to).map_err(|e| Error::io(to, e))?;
     for e in std::fs::read_dir(from).map_err(|e| Error::io(from, e))? {
         let e = e.map_err(|e| Error::io(from, e))?;
         let (p, dst) = (e.path(), to.join(e.file_name()));
         let kind = e.file_type().map_err(|e| Error::io(&p, e))?;
         let refuse = |why: &str| Err(Error::InvalidModel { path: p.clone(), message: why.to_string() });
         if kind.is_dir() {
+            std::fs::create_dir(&dst).map_err(|e| Error::io(&dst, e))?;
             copy_dir(&p, &dst, roots, depth + 1)?;
             continue;
         }

@@ -41,16 +41,21 @@ impl Delta {
         &self.r * self.x.transpose()
     }
 
-    /// The same ΔW with at most min(d_out, d_in) factor columns: when the factors are wider than the matrix (an
-    /// edit constrained on more keys than the width), R becomes ΔW itself and X the identity, so files and the
-    /// on-device product stay no larger than one dense matrix.
+    /// The same ΔW with at most min(d_out, d_in) factor columns: when the factors are wider (an edit constrained
+    /// on more keys than the width), ΔW itself becomes one factor and the identity of the smaller side the other
+    /// (R = ΔW, X = I when d_in ≤ d_out; R = I, X = ΔWᵀ otherwise), so files and the on-device product stay no
+    /// larger than one dense matrix, and compacting again changes nothing.
     pub fn compact(self) -> Self {
         let (d_out, d_in) = (self.r.nrows(), self.x.nrows());
         if self.r.ncols() <= d_out.min(d_in) {
             return self;
         }
-        let r = self.dense();
-        Delta { r, x: identity(d_in), ..self }
+        let dense = self.dense();
+        if d_in <= d_out {
+            Delta { r: dense, x: identity(d_in), ..self }
+        } else {
+            Delta { r: identity(d_out), x: dense.transpose().to_owned(), ..self }
+        }
     }
 }
 
@@ -206,8 +211,14 @@ mod tests {
         let wide = Delta { component: Component::Unet, name: "m".into(), r: r.clone(), x: x.clone() };
         let dense = wide.dense();
         let c = wide.compact();
-        assert_eq!((c.r.ncols(), c.x.ncols()), (4, 4));
+        assert_eq!((c.r.ncols(), c.x.ncols()), (3, 3));
         assert!(linalg::frob(&(c.dense() - &dense)) < 1e-12);
+        // Compacting again changes nothing; the taller case keeps ΔW as R.
+        let again = c.clone().compact();
+        assert_eq!((&again.r, &again.x), (&c.r, &c.x));
+        let tall = Delta { component: Component::Unet, name: "m".into(), r: x.clone(), x: r.clone() }.compact();
+        assert_eq!((tall.r.ncols(), tall.x.nrows()), (3, 3));
+        assert!(linalg::frob(&(tall.dense() - &dense.transpose())) < 1e-12);
         // Narrow factors are kept as they are.
         let narrow = Delta { component: Component::Unet, name: "m".into(), r: r.subcols(0, 2).to_owned(),
                              x: x.subcols(0, 2).to_owned() };

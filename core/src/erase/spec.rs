@@ -316,9 +316,7 @@ impl Src<'_> {
 
 impl Spec {
     pub fn from_file(path: &Path) -> Result<Self> {
-        if !path.exists() {
-            return Err(Error::io(path, std::io::Error::from(std::io::ErrorKind::NotFound)));
-        }
+        std::fs::metadata(path).and_then(|_| std::fs::File::open(path)).map_err(|e| Error::io(path, e))?;
         let text = read_text_file(path, MAX_SPEC_FILE_BYTES).map_err(invalid)?;
         Self::parse(&text, path)
     }
@@ -326,10 +324,26 @@ impl Spec {
     /// Parses `text`; `path` names the file in errors and anchors relative `preserve_file`/`templates` paths.
     /// A front end to [`Spec::new`]: every value is checked where it is written, so errors name its line.
     pub fn parse(text: &str, path: &Path) -> Result<Self> {
+        let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+        Self::parse_from(text, path, Some(&base_dir))
+    }
+
+    /// Parses a spec given as text by an app (the bindings' `erase`/`audit`): errors name `<spec>` and its line;
+    /// `templates`/`preserve_file` paths are the app's own (absolute, or relative to the working directory), still
+    /// regular files of at most [`MAX_SPEC_FILE_BYTES`].
+    pub fn parse_inline(text: &str) -> Result<Self> {
+        Self::parse_from(text, Path::new("<spec>"), None)
+    }
+
+    /// `confine`: the folder the spec's file references must stay inside (`None`: any path).
+    fn parse_from(text: &str, path: &Path, confine: Option<&Path>) -> Result<Self> {
         let src = Src { text, file: path };
         let raw: RawSpec = toml::from_str(text)
             .map_err(|e| invalid(format!("{}: {}", path.display(), e.to_string().trim())))?;
-        let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+        let resolve = |file: &str| match confine {
+            Some(base_dir) => inside(base_dir, file),
+            None => Ok(PathBuf::from(file)),
+        };
 
         let method: Method = src.at(raw.method.span(), raw.method.get_ref().parse())?;
         if raw.erase.is_empty() {
@@ -400,7 +414,7 @@ impl Spec {
                 Some(named) => named,
                 None => {
                     let file = t.get_ref().as_str();
-                    let p = src.at(t.span(), inside(&base_dir, file))?;
+                    let p = src.at(t.span(), resolve(file))?;
                     let text = src.at(t.span(), read_text_file(&p, MAX_SPEC_FILE_BYTES)
                         .map_err(|e| format!("templates file cannot be read: {e}")))?;
                     let lines: Vec<String> =
@@ -417,7 +431,7 @@ impl Spec {
             spec.preserve.push(prompt);
         }
         if let Some(f) = &raw.preserve_file {
-            let p = src.at(f.span(), inside(&base_dir, f.get_ref()))?;
+            let p = src.at(f.span(), resolve(f.get_ref()))?;
             let text = src.at(f.span(), read_text_file(&p, MAX_SPEC_FILE_BYTES)
                 .map_err(|e| format!("preserve_file cannot be read: {e}")))?;
             for l in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
