@@ -411,7 +411,8 @@ impl Engine {
                     p.on_step(step as i32, total as i32);
                 }
             };
-            let g = engine.generate(&req, Default::default(), &mut unsee::engine::step_callback(&mut report, &cancelled),
+            let inputs = unsee::pipeline::Inputs { cancelled: Some(&cancelled), ..Default::default() };
+            let g = engine.generate(&req, inputs, &mut unsee::engine::step_callback(&mut report, &cancelled),
                                     unsee::pipeline::Target::Rgba)?;
             Ok(GeneratedImage { width: g.width as i32, height: g.height as i32, rgba: g.rgba })
         })

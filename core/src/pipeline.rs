@@ -85,6 +85,11 @@ pub struct Inputs<'a> {
     /// Conditioning `[1, 77, hidden]` in place of the encoded prompt (embedding-space attacks,
     /// [`crate::erase::attack`]); the negative prompt is still encoded.
     pub context: Option<Tensor<3>>,
+    /// Asked between the UNet's blocks: once it says yes the call ends with [`Error::Cancelled`] without finishing
+    /// the step (the step callback can only cancel between steps).
+    pub cancelled: Option<&'a dyn Fn() -> bool>,
+    /// Run even above the work budget ([`crate::limits::MAX_LATENT_PIXEL_STEPS`]).
+    pub over_budget: bool,
 }
 
 /// Where the result goes.
@@ -176,10 +181,10 @@ impl StableDiffusion {
         let (lh, lw) = self.latent_size(req)?;
         let (width, height) = self.image_size(req)?;
         let work = (lh * lw).saturating_mul(req.steps);
-        if work > crate::limits::MAX_LATENT_PIXEL_STEPS {
+        if work > crate::limits::MAX_LATENT_PIXEL_STEPS && !inputs.over_budget {
             return Err(Error::InvalidRequest(format!(
                 "{width}×{height} at {} steps is {work} latent pixel-steps, above the budget of {} (e.g. 512×512 at \
-                 1,024 steps); use fewer pixels or steps", req.steps, crate::limits::MAX_LATENT_PIXEL_STEPS
+                 1,024 steps); use fewer pixels or steps, or force it", req.steps, crate::limits::MAX_LATENT_PIXEL_STEPS
             )));
         }
         if let Target::Buffer(out) = &target
@@ -189,7 +194,9 @@ impl StableDiffusion {
                 "the output buffer has {} bytes; a {width}×{height} RGBA8 image needs {}", out.len(), width * height * 4
             )));
         }
-        let Inputs { init_latents, mut noise, context: given_context } = inputs;
+        let Inputs { init_latents, mut noise, context: given_context, cancelled, .. } = inputs;
+        let never = || false;
+        let cancelled: &dyn Fn() -> bool = cancelled.unwrap_or(&never);
         if let Some(c) = &given_context {
             let [b, s, d] = c.dims();
             if b != 1 || s != self.tokenizer.max_length || d != self.text_config.hidden_size {
@@ -241,7 +248,7 @@ impl StableDiffusion {
             let t = scheduler.timesteps[i];
             let input = scheduler.scale_model_input(x.clone(), i);
             let input = if cfg { Tensor::cat(vec![input.clone(), input], 0) } else { input };
-            let eps = self.unet.forward(input, t, &context);
+            let eps = self.unet.forward_until(input, t, &context, cancelled).ok_or(Error::Cancelled)?;
             let eps = if cfg {
                 let mut parts = eps.chunk(2, 0);
                 let text = parts.pop().unwrap();

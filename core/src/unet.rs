@@ -349,6 +349,26 @@ impl UNet2DConditionModel {
     /// `mid_block`, `up_blocks.i`, `conv_out`) to `trace`; the parity tests use it to say where a divergence starts.
     pub fn forward_traced(&self, sample: Tensor<4>, timestep: f64, context: &Tensor<3>,
                           trace: &mut dyn FnMut(&str, &Tensor<4>)) -> Tensor<4> {
+        self.blocks(sample, timestep, context, &mut |name, x| {
+            trace(name, x);
+            true
+        }).0
+    }
+
+    /// [`forward`](Self::forward), asking `stop` after every top-level block: `None` once it says yes, so a long
+    /// step can be cancelled part-way (on a GPU, at the next point the queued work is waited for).
+    pub fn forward_until(&self, sample: Tensor<4>, timestep: f64, context: &Tensor<3>, stop: &dyn Fn() -> bool)
+        -> Option<Tensor<4>> {
+        match self.blocks(sample, timestep, context, &mut |_, _| !stop()) {
+            (out, true) => Some(out),
+            (_, false) => None,
+        }
+    }
+
+    /// The forward pass, handing every top-level block's output to `visit`; stops early (returning the output so
+    /// far and `false`) when `visit` returns false.
+    fn blocks(&self, sample: Tensor<4>, timestep: f64, context: &Tensor<3>,
+              visit: &mut dyn FnMut(&str, &Tensor<4>) -> bool) -> (Tensor<4>, bool) {
         let [b, _, _, _] = sample.dims();
         let device = sample.device();
         let c0 = self.conv_in.weight.dims()[0];
@@ -356,7 +376,9 @@ impl UNet2DConditionModel {
         let temb = self.time_embedding.linear_2.forward(silu(self.time_embedding.linear_1.forward(t)));
 
         let mut x = self.conv_in.forward(sample);
-        trace("conv_in", &x);
+        if !visit("conv_in", &x) {
+            return (x, false);
+        }
         let mut skips = vec![x.clone()];
         for (i, block) in self.down_blocks.iter().enumerate() {
             for (j, resnet) in block.resnets.iter().enumerate() {
@@ -370,13 +392,17 @@ impl UNet2DConditionModel {
                 x = down.forward(x);
                 skips.push(x.clone());
             }
-            trace(&format!("down_blocks.{i}"), &x);
+            if !visit(&format!("down_blocks.{i}"), &x) {
+                return (x, false);
+            }
         }
 
         x = self.mid_block.resnets[0].forward(x, Some(&temb));
         x = self.mid_block.attentions[0].forward(x, context);
         x = self.mid_block.resnets[1].forward(x, Some(&temb));
-        trace("mid_block", &x);
+        if !visit("mid_block", &x) {
+            return (x, false);
+        }
 
         for (i, block) in self.up_blocks.iter().enumerate() {
             for (j, resnet) in block.resnets.iter().enumerate() {
@@ -394,10 +420,12 @@ impl UNet2DConditionModel {
                 });
                 x = up.forward(x, size);
             }
-            trace(&format!("up_blocks.{i}"), &x);
+            if !visit(&format!("up_blocks.{i}"), &x) {
+                return (x, false);
+            }
         }
         let out = self.conv_out.forward(silu(self.conv_norm_out.forward(x)));
-        trace("conv_out", &out);
-        out
+        let done = visit("conv_out", &out);
+        (out, done)
     }
 }

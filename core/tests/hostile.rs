@@ -143,6 +143,7 @@ fn huge_counts_are_refused_before_allocating() {
     fails_with(&["grid", "--device", "cpu", "--prompt", "x", "--seeds", "1000000000000"], "images per model");
     fails_with(&["generate", "--device", "cpu", "--prompt", "x", "--width", "4096", "--height", "4096", "--steps", "20"],
                "budget");
+
 }
 
 /// Class 4: outputs are atomic, and `--bake` neither copies a folder into itself nor opens a FIFO.
@@ -310,4 +311,38 @@ fn bake_writes_every_erasure_in_effect() {
     }
     assert!(moved > 1e-3, "the erasures changed nothing");
     assert!(worst < 1e-4, "the baked weights differ from the engine's by {worst:e} (an erasure was lost?)");
+}
+
+/// Cancellation is honoured inside a step (between the UNet's blocks), not only between steps.
+#[test]
+fn cancellation_stops_a_step_part_way() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use unsee::device::{DeviceChoice, select};
+    use unsee::load::{LoadOptions, StableDiffusion};
+    use unsee::pipeline::{Control, GenerateRequest, Inputs, Target};
+    let dev = select(DeviceChoice::Cpu, unsee::weights::Precision::F32).unwrap();
+    let sd = StableDiffusion::load(&model_dir("tiny"), dev, &LoadOptions::default()).unwrap();
+    let asked = AtomicUsize::new(0);
+    let cancelled = || asked.fetch_add(1, Ordering::SeqCst) >= 2; // yes after the second block of step 1
+    let mut steps = 0;
+    let req = GenerateRequest { prompt: "x".into(), steps: 3, ..Default::default() };
+    let r = sd.generate(&req, Inputs { cancelled: Some(&cancelled), ..Default::default() },
+                        &mut |_| { steps += 1; Control::Continue }, Target::Rgba);
+    assert!(matches!(r, Err(unsee::Error::Cancelled)), "{:?}", r.err());
+    assert_eq!(steps, 0, "the first step completed");
+    assert_eq!(asked.load(Ordering::SeqCst), 3);
+    // Above the work budget: refused, unless forced (then it starts, and is cancelled at once here).
+    let huge = GenerateRequest { width: Some(1024), height: Some(1024), steps: 300, ..req.clone() };
+    let r = sd.generate(&huge, Inputs::default(), &mut |_| Control::Continue, Target::Latents);
+    assert!(r.err().unwrap().to_string().contains("budget"));
+    let always = || true;
+    let r = sd.generate(&huge, Inputs { cancelled: Some(&always), over_budget: true, ..Default::default() },
+                        &mut |_| Control::Continue, Target::Latents);
+    assert!(matches!(r, Err(unsee::Error::Cancelled)), "{:?}", r.err());
+    // Never cancelled: the same result as without the check.
+    let never = || false;
+    let a = sd.generate(&req, Inputs { cancelled: Some(&never), ..Default::default() }, &mut |_| Control::Continue,
+                        Target::Rgba).unwrap();
+    let b = sd.generate(&req, Inputs::default(), &mut |_| Control::Continue, Target::Rgba).unwrap();
+    assert_eq!(a.rgba, b.rgba);
 }

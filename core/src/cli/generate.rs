@@ -43,6 +43,9 @@ pub struct Args {
     /// Print a JSON summary (device, precision, timings, peak memory) on stdout.
     #[arg(long)]
     json: bool,
+    /// Run even when the size × steps is above the work budget (latent pixels × steps > 4,194,304).
+    #[arg(long)]
+    force: bool,
     #[arg(long, default_value = "image.png")]
     out: PathBuf,
 }
@@ -82,7 +85,7 @@ pub fn run(a: Args) -> Result<()> {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     let started = Instant::now();
-    let inputs = Inputs { init_latents: init, ..Default::default() };
+    let inputs = Inputs { init_latents: init, over_budget: a.force, ..Default::default() };
     let result = engine.generate(&req, inputs, &mut |ev| {
         bar.set_position(ev.step as u64);
         Control::Continue

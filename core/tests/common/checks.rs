@@ -89,7 +89,7 @@ pub fn check_run(sd: &StableDiffusion, g: &Golden, name: &str, kind: SchedulerKi
     let mut noise = |i: usize| recorded.as_ref().unwrap().clone().narrow(0, i, 1);
     let noise_source: Option<&mut dyn FnMut(usize) -> Tensor<4>> =
         if recorded.is_some() { Some(&mut noise) } else { None };
-    let inputs = Inputs { init_latents: Some(init), noise: noise_source, context: None };
+    let inputs = Inputs { init_latents: Some(init), noise: noise_source, ..Default::default() };
     let out = sd.generate(&req, inputs, &mut |_| Control::Continue, Target::Rgba).expect("generate");
     let want_t: Vec<f64> = g.i64(&format!("run.{name}.timesteps")).iter().map(|&t| t as f64).collect();
     let sched = unsee::scheduler::Scheduler::new(kind, &sd.scheduler_config, 10).unwrap();
