@@ -34,6 +34,14 @@ pub struct Tokens {
     pub dropped: usize,
 }
 
+/// Runs `f`, which hands files we do not control to the `tokenizers` crate: a panic there (it `expect`s on some
+/// malformed `tokenizer.json` documents, e.g. a decoder that is not an object, found by fuzzing) becomes an error.
+fn untrusted<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| {
+        Err(Error::Tokenizer(format!("{what}: malformed tokenizer (the tokenizers crate panicked on it)")))
+    })
+}
+
 fn read_json(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     serde_json::from_str(&text).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))
@@ -54,7 +62,7 @@ impl ClipTokenizer {
             return Err(Error::Tokenizer(format!("tokenizer folder {} not found", dir.display())));
         }
         let tokenizer_json = dir.join("tokenizer.json");
-        let inner = if tokenizer_json.is_file() {
+        let inner = untrusted(&dir.display().to_string(), || Ok(if tokenizer_json.is_file() {
             Tokenizer::from_file(&tokenizer_json).map_err(|e| Error::Tokenizer(format!("{}: {e}", tokenizer_json.display())))?
         } else {
             let vocab = read_json(&dir.join("vocab.json"))?;
@@ -63,9 +71,10 @@ impl ClipTokenizer {
             let merges: Vec<&str> =
                 merges_text.lines().filter(|l| !l.starts_with("#version") && !l.trim().is_empty()).collect();
             let spec = clip_tokenizer_json(vocab, &merges);
-            Tokenizer::from_bytes(serde_json::to_vec(&spec).expect("json"))
+            let bytes = serde_json::to_vec(&spec).map_err(|e| Error::Tokenizer(e.to_string()))?;
+            Tokenizer::from_bytes(bytes)
                 .map_err(|e| Error::Tokenizer(format!("vocab.json/merges.txt in {}: {e}", dir.display())))?
-        };
+        }))?;
 
         let mut config = serde_json::Map::new();
         for name in ["special_tokens_map.json", "tokenizer_config.json"] {
@@ -94,8 +103,10 @@ impl ClipTokenizer {
 
     /// Content tokens of `text`, without BOS/EOS.
     pub fn content_ids(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
-        Ok(enc.get_ids().to_vec())
+        untrusted("encoding a prompt", || {
+            let enc = self.inner.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+            Ok(enc.get_ids().to_vec())
+        })
     }
 
     /// Tokenizes like `tokenizer(text, padding="max_length", max_length=77, truncation=True)`.
