@@ -215,3 +215,191 @@ pub fn split_checkpoint(file: &MappedSafetensors, unet: &UNetConfig, vae: &VaeCo
     };
     Ok(Components { text_encoder: ser(&parts[0])?, unet: ser(&parts[1])?, vae: ser(&parts[2])? })
 }
+
+// ---- the reverse: diffusers names → CompVis names (`unsee erase --bake-single-file`) ----
+
+fn resnet_inner_to_compvis(rest: &str, vae: bool) -> String {
+    let shortcut = if vae { "nin_shortcut" } else { "skip_connection" };
+    for (from, to) in [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
+                       ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", shortcut)] {
+        if let Some(tail) = rest.strip_prefix(from)
+            && tail.starts_with('.')
+        {
+            // The VAE's resnets keep diffusers' norm/conv names in CompVis (`encoder.down.0.block.0.norm1`).
+            return if vae && from != "conv_shortcut" { rest.to_string() } else { format!("{to}{tail}") };
+        }
+    }
+    rest.to_string()
+}
+
+/// Diffusers UNet key → `model.diffusion_model.*` key (prefix not included): the inverse of [`unet_key`].
+pub fn unet_key_to_compvis(k: &str, cfg: &UNetConfig) -> Option<String> {
+    let layers = |i: usize| cfg.layers_per_block.get(i);
+    let nb = cfg.block_out_channels.len();
+    for (from, to) in [("time_embedding.linear_1.", "time_embed.0."), ("time_embedding.linear_2.", "time_embed.2."),
+                       ("conv_in.", "input_blocks.0.0."), ("conv_norm_out.", "out.0."), ("conv_out.", "out.2.")] {
+        if let Some(r) = k.strip_prefix(from) {
+            return Some(format!("{to}{r}"));
+        }
+    }
+    if let Some(r) = k.strip_prefix("down_blocks.") {
+        let (i, r) = split_idx(r)?;
+        if i >= nb {
+            return None;
+        }
+        let first = 1 + (0..i).map(|b| layers(b) + usize::from(b + 1 < nb)).sum::<usize>();
+        if let Some(t) = r.strip_prefix("downsamplers.0.conv.") {
+            return Some(format!("input_blocks.{}.0.op.{t}", first + layers(i)));
+        }
+        let (kind, r) = r.split_once('.')?;
+        let (j, r) = split_idx(r)?;
+        return match kind {
+            "resnets" => Some(format!("input_blocks.{}.0.{}", first + j, resnet_inner_to_compvis(r, false))),
+            "attentions" => Some(format!("input_blocks.{}.1.{r}", first + j)),
+            _ => None,
+        };
+    }
+    if let Some(r) = k.strip_prefix("mid_block.") {
+        if let Some(t) = r.strip_prefix("attentions.0.") {
+            return Some(format!("middle_block.1.{t}"));
+        }
+        let (j, t) = split_idx(r.strip_prefix("resnets.")?)?;
+        return Some(format!("middle_block.{}.{}", if j == 0 { 0 } else { 2 }, resnet_inner_to_compvis(t, false)));
+    }
+    if let Some(r) = k.strip_prefix("up_blocks.") {
+        let (i, r) = split_idx(r)?;
+        if i >= nb {
+            return None;
+        }
+        let first = (0..i).map(|b| layers(nb - 1 - b) + 1).sum::<usize>();
+        if let Some(t) = r.strip_prefix("upsamplers.0.conv.") {
+            let has_attention = cfg.up_block_types.get(i).is_some_and(|t| t.starts_with("CrossAttn"));
+            let m = if has_attention { 2 } else { 1 };
+            return Some(format!("output_blocks.{}.{m}.conv.{t}", first + layers(nb - 1 - i)));
+        }
+        let (kind, r) = r.split_once('.')?;
+        let (j, r) = split_idx(r)?;
+        return match kind {
+            "resnets" => Some(format!("output_blocks.{}.0.{}", first + j, resnet_inner_to_compvis(r, false))),
+            "attentions" => Some(format!("output_blocks.{}.1.{r}", first + j)),
+            _ => None,
+        };
+    }
+    None
+}
+
+/// Diffusers VAE key → `first_stage_model.*` key (prefix not included), and whether the tensor is a linear weight
+/// CompVis stores as a 1×1 conv: the inverse of [`vae_key`].
+pub fn vae_key_to_compvis(k: &str, cfg: &VaeConfig) -> Option<(String, bool)> {
+    let n = cfg.block_out_channels.len();
+    if k.starts_with("quant_conv.") || k.starts_with("post_quant_conv.") {
+        return Some((k.to_string(), false));
+    }
+    let (side, r) = k.split_once('.')?;
+    if side != "encoder" && side != "decoder" {
+        return None;
+    }
+    let out = |s: String| Some((format!("{side}.{s}"), false));
+    if let Some(t) = r.strip_prefix("conv_norm_out.") {
+        return out(format!("norm_out.{t}"));
+    }
+    if r.starts_with("conv_in.") || r.starts_with("conv_out.") {
+        return out(r.to_string());
+    }
+    if let Some(t) = r.strip_prefix("mid_block.attentions.0.") {
+        let (name, tail) = match t.strip_prefix("to_out.0.") {
+            Some(tail) => ("proj_out", tail),
+            None => {
+                let (name, tail) = t.split_once('.')?;
+                let to = match name {
+                    "group_norm" => "norm",
+                    "to_q" => "q",
+                    "to_k" => "k",
+                    "to_v" => "v",
+                    _ => return None,
+                };
+                (to, tail)
+            }
+        };
+        return Some((format!("{side}.mid.attn_1.{name}.{tail}"), name != "norm" && tail == "weight"));
+    }
+    if let Some(t) = r.strip_prefix("mid_block.resnets.") {
+        let (j, t) = split_idx(t)?;
+        return out(format!("mid.block_{}.{}", j + 1, resnet_inner_to_compvis(t, true)));
+    }
+    let (blocks, target) = if side == "encoder" { ("down_blocks.", "down") } else { ("up_blocks.", "up") };
+    let (i, t) = split_idx(r.strip_prefix(blocks)?)?;
+    if i >= n {
+        return None;
+    }
+    let i = if side == "decoder" { n - 1 - i } else { i };
+    if let Some(t) = t.strip_prefix("resnets.") {
+        let (j, t) = split_idx(t)?;
+        return out(format!("{target}.{i}.block.{j}.{}", resnet_inner_to_compvis(t, true)));
+    }
+    let sampler = if side == "encoder" { "downsamplers.0.conv." } else { "upsamplers.0.conv." };
+    let t = t.strip_prefix(sampler)?;
+    let name = if side == "encoder" { "downsample" } else { "upsample" };
+    out(format!("{target}.{i}.{name}.conv.{t}"))
+}
+
+/// Diffusers text-encoder key (with or without `text_model.`) → the full CompVis key.
+pub fn text_encoder_key_to_compvis(k: &str) -> String {
+    if k.starts_with("text_model.") {
+        format!("cond_stage_model.transformer.{k}")
+    } else {
+        format!("cond_stage_model.transformer.text_model.{k}")
+    }
+}
+
+/// Writes the diffusers folder `dir` (its text encoder, UNet and VAE weight files) as one CompVis-named
+/// single-file checkpoint at `out`, atomically: the format AUTOMATIC1111 and ComfyUI load. The whole file is
+/// assembled in memory before it is written.
+pub fn write_checkpoint(dir: &std::path::Path, unet: &UNetConfig, vae: &VaeConfig, out: &std::path::Path) -> Result<()> {
+    let files = [
+        ("text_encoder", crate::model::component_weights(dir, "text_encoder", "model")?),
+        ("unet", crate::model::component_weights(dir, "unet", "diffusion_pytorch_model")?),
+        ("vae", crate::model::component_weights(dir, "vae", "diffusion_pytorch_model")?),
+    ];
+    let mapped: Vec<(&str, MappedSafetensors)> =
+        files.iter().map(|(c, f)| MappedSafetensors::open(f).map(|m| (*c, m))).collect::<Result<_>>()?;
+    let parsed: Vec<(&str, &std::path::Path, safetensors::SafeTensors<'_>)> =
+        mapped.iter().map(|(c, m)| (*c, m.path.as_path(), m.tensors())).collect();
+    let mut views: Vec<(String, TensorView<'_>)> = vec![];
+    let mut unmapped = vec![];
+    for (component, path, st) in &parsed {
+        for name in st.names() {
+            let corrupt = |e: safetensors::SafeTensorError| Error::CorruptWeights { file: path.to_path_buf(), message: e.to_string() };
+            let v = st.tensor(name).map_err(corrupt)?;
+            let (key, as_conv) = match *component {
+                "text_encoder" => (Some(text_encoder_key_to_compvis(name)), false),
+                "unet" => (unet_key_to_compvis(name, unet).map(|k| format!("model.diffusion_model.{k}")), false),
+                _ => match vae_key_to_compvis(name, vae) {
+                    Some((k, c)) => (Some(format!("first_stage_model.{k}")), c),
+                    None => (None, false),
+                },
+            };
+            let Some(key) = key else {
+                unmapped.push(format!("  {component}: {name}"));
+                continue;
+            };
+            let v = if as_conv && v.shape().len() == 2 {
+                let s = v.shape();
+                TensorView::new(v.dtype(), vec![s[0], s[1], 1, 1], v.data()).map_err(corrupt)?
+            } else {
+                v
+            };
+            views.push((key, v));
+        }
+    }
+    if !unmapped.is_empty() {
+        return Err(Error::WeightMismatch {
+            component: "single-file export".into(),
+            file: dir.to_path_buf(),
+            report: format!("no CompVis name for:\n{}", unmapped.join("\n")),
+        });
+    }
+    let bytes = safetensors::serialize(views, None)
+        .map_err(|e| Error::Internal(format!("writing the single-file checkpoint: {e}")))?;
+    crate::weights::write_atomic(out, &bytes)
+}

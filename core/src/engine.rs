@@ -174,6 +174,24 @@ impl Engine {
         file::bake(&self.base, &deltas, out)
     }
 
+    /// Writes the model with every erasure in effect baked in as one single-file checkpoint with CompVis key names
+    /// (AUTOMATIC1111, ComfyUI): baked into a diffusers folder staged beside `out`, converted, written atomically.
+    pub fn bake_single_file(&self, out: &Path) -> Result<()> {
+        if out.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+            return Err(Error::InvalidRequest(format!("{}: a single-file checkpoint must end in .safetensors",
+                                                     out.display())));
+        }
+        let name = out.file_name().ok_or_else(|| Error::InvalidRequest(format!("{} names no file", out.display())))?;
+        let staging = out.with_file_name(format!(".{}.folder-{}", name.to_string_lossy(), std::process::id()));
+        if staging.exists() {
+            return Err(Error::InvalidRequest(format!("{} exists (another export running?)", staging.display())));
+        }
+        self.bake(&staging)?;
+        let written = crate::compvis::write_checkpoint(&staging, &self.base.unet_config, &self.base.vae_config, out);
+        let _ = std::fs::remove_dir_all(&staging);
+        written
+    }
+
     /// Audits, against the base weights, the erasures in effect — or, when there are none, the edit `spec`
     /// describes — on the concepts and preserve set of `spec`. The model in use is not changed.
     pub fn audit(&self, spec: &Spec) -> Result<AuditReport> {

@@ -13,6 +13,8 @@ pub mod model;
 pub mod nn;
 pub mod pipeline;
 pub mod scheduler;
+#[cfg(feature = "serve")]
+pub mod serve;
 pub mod shapes;
 pub mod tensor;
 pub mod tokenizer;

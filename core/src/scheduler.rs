@@ -34,6 +34,16 @@ impl SchedulerKind {
         }
     }
 
+    /// The name AUTOMATIC1111's API and UI give this sampler (`unsee serve`'s `/sdapi/v1/samplers`).
+    pub fn a1111_name(self) -> &'static str {
+        match self {
+            Self::Ddim => "DDIM",
+            Self::EulerAncestral => "Euler a",
+            Self::DpmSolverPP2M { karras: false } => "DPM++ 2M",
+            Self::DpmSolverPP2M { karras: true } => "DPM++ 2M Karras",
+        }
+    }
+
     /// Other spellings accepted for a name.
     fn aliases(self) -> &'static [&'static str] {
         match self {

@@ -7,6 +7,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 
 use common::checks::*;
 use common::*;
@@ -75,5 +76,79 @@ fn single_file_with_unknown_weights_is_refused() {
     let opts = LoadOptions { check: false, config_dir: Some(model_dir("small")), ..Default::default() };
     let err = StableDiffusion::load(&ckpt, dev, &opts).err().expect("must fail").to_string();
     assert!(err.contains("unexpected: model.diffusion_model.extra_block.0.weight"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The reverse map (diffusers → CompVis names) of `--bake-single-file` gives back, for every tensor of the small
+/// model, the CompVis name that diffusers' own single-file converters were checked to read
+/// (`tests/reference/make_compvis_map.py` → `compvis_keys.json`), with the VAE attention weights as 1×1 convs.
+#[test]
+fn reverse_key_map_matches_the_diffusers_checked_map() {
+    let map: HashMap<String, (String, String, bool)> =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("small/compvis_keys.json")).unwrap()).unwrap();
+    let root = model_dir("small");
+    let unet: unsee::unet::UNetConfig =
+        serde_json::from_str(&std::fs::read_to_string(root.join("unet/config.json")).unwrap()).unwrap();
+    let vae: unsee::vae::VaeConfig =
+        serde_json::from_str(&std::fs::read_to_string(root.join("vae/config.json")).unwrap()).unwrap();
+    for (ldm, (component, key, as_conv)) in &map {
+        let (got, conv) = match component.as_str() {
+            "unet" => (format!("model.diffusion_model.{}", unsee::compvis::unet_key_to_compvis(key, &unet).unwrap()), false),
+            "vae" => {
+                let (k, c) = unsee::compvis::vae_key_to_compvis(key, &vae).unwrap();
+                (format!("first_stage_model.{k}"), c)
+            }
+            _ => (unsee::compvis::text_encoder_key_to_compvis(key), false),
+        };
+        assert_eq!((&got, conv), (ldm, *as_conv), "{component} {key}");
+    }
+}
+
+/// `Engine::bake_single_file` (`unsee erase --bake-single-file`) on the shapes model with "circle" erased: the
+/// checkpoint loads back through the single-file loader and draws exactly what the baked diffusers folder draws, and
+/// what the engine with the erasure draws to f32 rounding — no circle.
+#[test]
+fn baked_single_file_loads_back_with_the_erasure() {
+    use unsee::engine::{Engine, EngineOptions};
+    use unsee::pipeline::{Control, GenerateRequest, Target};
+    let dir = std::env::temp_dir().join(format!("unsee-single-bake-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let shapes = unsee::model::default_model_dir();
+    let mut engine = Engine::open(&EngineOptions { device: DeviceChoice::Cpu, ..Default::default() }).unwrap();
+    let spec = unsee::erase::spec::Spec::from_file(&shapes.join("../specs/shapes-circle.toml")).unwrap();
+    engine.erase(&spec, None).unwrap();
+    let ckpt = dir.join("shapes-no-circles.safetensors");
+    engine.bake_single_file(&ckpt).unwrap();
+    engine.bake(&dir.join("folder")).unwrap();
+    assert!(std::fs::read_dir(&dir).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().starts_with('.')),
+            "the staging folder was left behind");
+    let names: Vec<String> = {
+        let bytes = std::fs::read(&ckpt).unwrap();
+        SafeTensors::deserialize(&bytes).unwrap().names().into_iter().map(str::to_string).collect()
+    };
+    assert!(names.iter().any(|n| n.starts_with("model.diffusion_model.input_blocks.")));
+    assert!(names.iter().any(|n| n == "first_stage_model.decoder.mid.attn_1.q.weight"));
+    assert!(names.iter().any(|n| n.starts_with("cond_stage_model.transformer.text_model.")));
+
+    let req = GenerateRequest { prompt: "an image of a red circle".into(), steps: 20, guidance: 4.0, seed: 5,
+                                ..Default::default() };
+    let draw = |model: &std::path::Path, config: Option<PathBuf>| {
+        let e = Engine::open(&EngineOptions { model: model.to_path_buf(), config_dir: config, device: DeviceChoice::Cpu,
+                                              check: true, ..Default::default() }).unwrap();
+        e.generate(&req, Default::default(), &mut |_| Control::Continue, Target::Rgba).unwrap()
+    };
+    let single = draw(&ckpt, Some(shapes.clone()));
+    let folder = draw(&dir.join("folder"), None);
+    let live = engine.generate(&req, Default::default(), &mut |_| Control::Continue, Target::Rgba).unwrap();
+    assert!(single.rgba == folder.rgba, "the single file draws differently from the baked folder");
+    // the live engine adds the delta on the device, the bake on the host: the same to f32 rounding
+    let worst = single.rgba.iter().zip(&live.rgba).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+    assert!(worst <= 2, "the single file draws differently from the engine with the erasure (by {worst}/255)");
+    let found = unsee::shapes::analyse(&single.rgba, single.width, single.height, 4);
+    assert!(found.iter().all(|d| d.shape != unsee::shapes::Shape::Circle), "{found:?}");
+
+    // not a .safetensors name, and a base model that is not a folder: clean errors
+    assert!(engine.bake_single_file(&dir.join("model.ckpt")).is_err());
     std::fs::remove_dir_all(&dir).ok();
 }

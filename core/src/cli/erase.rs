@@ -19,6 +19,10 @@ pub struct Args {
     /// Also write a complete diffusers folder with the edited weights (every erasure in effect).
     #[arg(long)]
     bake: Option<PathBuf>,
+    /// Also write the edited model (every erasure in effect) as one single-file `.safetensors` checkpoint with
+    /// CompVis key names, the format AUTOMATIC1111 and ComfyUI load. Needs a diffusers folder as the model.
+    #[arg(long)]
+    bake_single_file: Option<PathBuf>,
     /// Print a JSON summary on stdout.
     #[arg(long)]
     json: bool,
@@ -30,6 +34,9 @@ pub fn run(a: Args) -> Result<()> {
     let edit = engine.erase(&spec, Some(&a.out))?;
     if let Some(dir) = &a.bake {
         engine.bake(dir)?;
+    }
+    if let Some(file) = &a.bake_single_file {
+        engine.bake_single_file(file)?;
     }
     if a.json {
         print_json(&serde_json::json!({
@@ -43,6 +50,7 @@ pub fn run(a: Args) -> Result<()> {
             "warnings": edit.warnings,
             "out": a.out,
             "baked": a.bake,
+            "baked_single_file": a.bake_single_file,
             "device": engine.model().device.description,
         }))?;
     } else {

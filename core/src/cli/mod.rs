@@ -16,6 +16,8 @@ mod erase;
 mod generate;
 mod grid;
 mod info;
+#[cfg(feature = "serve")]
+mod serve;
 
 #[derive(Parser)]
 #[command(name = "unsee", version, about = "Stable Diffusion 1.x on burn, with on-device concept erasure")]
@@ -39,6 +41,9 @@ enum Command {
     Grid(grid::Args),
     /// Measure leakage of erased concepts and drift of preserved prompts on held-out templates.
     Audit(audit::Args),
+    /// Serve a local web page and an AUTOMATIC1111-compatible HTTP API (`/sdapi/v1/txt2img`) on one engine.
+    #[cfg(feature = "serve")]
+    Serve(serve::Args),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -49,6 +54,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Erase(a) => erase::run(a),
         Command::Grid(a) => grid::run(a),
         Command::Audit(a) => audit::run(a),
+        #[cfg(feature = "serve")]
+        Command::Serve(a) => serve::run(a),
     }
 }
 
@@ -81,6 +88,11 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    /// The same model with no erasures and its own text encoder.
+    pub fn base(&self) -> Self {
+        Self { erasures: vec![], text_encoder: None, ..self.clone() }
+    }
+
     pub fn open(&self) -> Result<Engine> {
         Engine::open(&EngineOptions {
             model: self.model.clone().unwrap_or_else(unsee::model::default_model_dir),

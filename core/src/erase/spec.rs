@@ -191,6 +191,17 @@ pub fn read_text_file(path: &Path, limit: u64) -> std::result::Result<String, St
 
 /// `file` (as written in a spec) resolved inside `base_dir`: relative, no `..`, and not leading out through a
 /// symlink — a spec cannot make unsee read files outside its own folder.
+/// What a spec's `templates`/`preserve_file` may name.
+#[derive(Clone, Copy)]
+enum FileRefs<'a> {
+    /// Files inside this folder (a spec file's own folder).
+    Inside(&'a Path),
+    /// Any regular file (an app's own spec).
+    Any,
+    /// None (a spec from the network).
+    Refused,
+}
+
 fn inside(base_dir: &Path, file: &str) -> std::result::Result<PathBuf, String> {
     let rel = Path::new(file);
     if rel.is_absolute() || rel.components().any(|c| !matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir)) {
@@ -325,24 +336,30 @@ impl Spec {
     /// A front end to [`Spec::new`]: every value is checked where it is written, so errors name its line.
     pub fn parse(text: &str, path: &Path) -> Result<Self> {
         let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
-        Self::parse_from(text, path, Some(&base_dir))
+        Self::parse_from(text, path, FileRefs::Inside(&base_dir))
     }
 
     /// Parses a spec given as text by an app (the bindings' `erase`/`audit`): errors name `<spec>` and its line;
     /// `templates`/`preserve_file` paths are the app's own (absolute, or relative to the working directory), still
     /// regular files of at most [`MAX_SPEC_FILE_BYTES`].
     pub fn parse_inline(text: &str) -> Result<Self> {
-        Self::parse_from(text, Path::new("<spec>"), None)
+        Self::parse_from(text, Path::new("<spec>"), FileRefs::Any)
     }
 
-    /// `confine`: the folder the spec's file references must stay inside (`None`: any path).
-    fn parse_from(text: &str, path: &Path, confine: Option<&Path>) -> Result<Self> {
+    /// Parses a spec that came over the network (`unsee serve`'s `/v1/audit`): like [`Spec::parse_inline`], but a
+    /// `templates` or `preserve_file` that names a file is an error — a request never reads the server's files.
+    pub fn parse_remote(text: &str) -> Result<Self> {
+        Self::parse_from(text, Path::new("<spec>"), FileRefs::Refused)
+    }
+
+    fn parse_from(text: &str, path: &Path, files: FileRefs) -> Result<Self> {
         let src = Src { text, file: path };
         let raw: RawSpec = toml::from_str(text)
             .map_err(|e| invalid(format!("{}: {}", path.display(), e.to_string().trim())))?;
-        let resolve = |file: &str| match confine {
-            Some(base_dir) => inside(base_dir, file),
-            None => Ok(PathBuf::from(file)),
+        let resolve = |file: &str| match files {
+            FileRefs::Inside(base_dir) => inside(base_dir, file),
+            FileRefs::Any => Ok(PathBuf::from(file)),
+            FileRefs::Refused => Err(format!("{file:?}: a spec sent in a request cannot name files")),
         };
 
         let method: Method = src.at(raw.method.span(), raw.method.get_ref().parse())?;

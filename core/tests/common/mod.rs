@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod checks;
+pub mod http;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
