@@ -90,3 +90,45 @@ fn threads_and_engines_under_load_always_return() {
     }
     assert!(Instant::now() < deadline, "the stress test took longer than its deadline");
 }
+
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: f64 = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap().split_whitespace().nth(1).unwrap()
+        .parse().unwrap();
+    kb / 1024.0
+}
+
+/// A leak check for the façade (Linux: resident memory from /proc): engines created, used (generate, erase,
+/// audit, a cancelled call, hostile requests, a JNI handle) and dropped in a loop must not grow the process once
+/// warm. One leaked tiny engine holds two copies of the model (base and in use), so 20 leaked cycles would add
+/// well over the bound.
+#[test]
+fn engines_and_calls_in_a_loop_do_not_leak() {
+    let model_mib = ["text_encoder", "unet", "vae"].iter().map(|c| {
+        let dir = PathBuf::from(tiny()).join(c);
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum::<u64>()
+    }).sum::<u64>() as f64 / (1 << 20) as f64;
+    let cycle = || {
+        let engine = Engine::new(config()).unwrap();
+        engine.generate(request(1, 2), None, None).unwrap();
+        let cancel = CancelToken::new();
+        cancel.cancel();
+        assert!(engine.generate(request(2, 2), None, Some(cancel)).is_err());
+        assert!(engine.generate(GenerateRequest { width: Some(1 << 30), ..request(3, 2) }, None, None).is_err());
+        engine.erase(SPEC.into(), None).unwrap();
+        let _ = engine.info().unwrap();
+        let _ = Arc::clone(&engine).jni_handle();
+    };
+    for _ in 0..10 {
+        cycle();
+    }
+    let before = rss_mib();
+    const CYCLES: usize = 20;
+    for _ in 0..CYCLES {
+        cycle();
+    }
+    let grown = rss_mib() - before;
+    eprintln!("RSS grew {grown:.1} MiB over {CYCLES} cycles (model files: {model_mib:.1} MiB)");
+    assert!(grown < model_mib * CYCLES as f64 / 2.0 && grown < 64.0,
+            "resident memory grew {grown:.1} MiB over {CYCLES} engine cycles: a leak");
+}

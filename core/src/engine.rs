@@ -177,10 +177,7 @@ impl Engine {
     /// Writes the model with every erasure in effect baked in as one single-file checkpoint with CompVis key names
     /// (AUTOMATIC1111, ComfyUI): baked into a diffusers folder staged beside `out`, converted, written atomically.
     pub fn bake_single_file(&self, out: &Path) -> Result<()> {
-        if out.extension().and_then(|e| e.to_str()) != Some("safetensors") {
-            return Err(Error::InvalidRequest(format!("{}: a single-file checkpoint must end in .safetensors",
-                                                     out.display())));
-        }
+        check_single_file_target(out)?;
         let name = out.file_name().ok_or_else(|| Error::InvalidRequest(format!("{} names no file", out.display())))?;
         let staging = out.with_file_name(format!(".{}.folder-{}", name.to_string_lossy(), std::process::id()));
         if staging.exists() {
@@ -243,6 +240,18 @@ impl Engine {
             erasures: self.applied.clone(),
         })
     }
+}
+
+/// The checks on a `--bake-single-file` target that need no model (front ends run them before any work).
+pub fn check_single_file_target(out: &Path) -> Result<()> {
+    if out.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+        return Err(Error::InvalidRequest(format!("{}: a single-file checkpoint must end in .safetensors",
+                                                 out.display())));
+    }
+    if out.is_dir() {
+        return Err(Error::InvalidRequest(format!("{} is a folder", out.display())));
+    }
+    Ok(())
 }
 
 /// A step callback for front ends: reports `progress(step, total)` after each step and stops with

@@ -416,3 +416,40 @@ fn default_model_is_the_shapes_model_and_grid_shows_the_erasure() {
         .output().unwrap();
     assert!(String::from_utf8_lossy(&info.stdout).contains("shapes-sd"), "{}", stderr(&info));
 }
+
+/// `unsee serve` from the command line: it says where it listens and answers there; a bad address is a usage
+/// error, a zero queue or a taken port a clean error.
+#[test]
+fn serve_starts_and_refuses_bad_options() {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_unsee"))
+        .args(["serve", "--device", "cpu", "--addr", "127.0.0.1:0"])
+        .env("UNSEE_MODEL", model_dir("tiny"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut addr = None;
+    for line in std::io::BufReader::new(stderr).lines() {
+        let line = line.unwrap();
+        if let Some(rest) = line.split("serving on http://").nth(1) {
+            addr = Some(rest.split_whitespace().next().unwrap().to_string());
+            break;
+        }
+    }
+    let addr: std::net::SocketAddr = addr.expect("no 'serving on' line").parse().unwrap();
+    let r = common::http::get(addr, "/sdapi/v1/sd-models");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()[0]["model_name"], "tiny-sd");
+    // the same port again: taken
+    fails_with(&["serve", "--device", "cpu", "--addr", &addr.to_string()], "Address already in use");
+    child.kill().unwrap();
+    let _ = child.wait();
+
+    let o = unsee(&["serve", "--addr", "localhost-ish"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    fails_with(&["serve", "--device", "cpu", "--queue", "0"], "at least 1");
+    let spec = common::repo().join("models/specs/objects.toml");
+    fails_with(&["erase", "--spec", &spec.display().to_string(), "--out", &tmp("bsf").join("e.safetensors").display().to_string(),
+                 "--bake-single-file", &tmp("bsf").join("model.ckpt").display().to_string()], "must end in .safetensors");
+}

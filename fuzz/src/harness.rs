@@ -13,7 +13,7 @@ use unsee::vae::{AutoencoderKL, VaeConfig};
 use unsee::weights::{MappedSafetensors, Precision, TensorSource, load_module};
 
 /// The targets, by name (the names of `fuzz/fuzz_targets/*.rs` and `fuzz/corpus/*`).
-pub const TARGETS: [(&str, fn(&[u8])); 7] = [
+pub const TARGETS: [(&str, fn(&[u8])); 8] = [
     ("safetensors_load", safetensors_load),
     ("compvis", compvis),
     ("config", config),
@@ -21,6 +21,7 @@ pub const TARGETS: [(&str, fn(&[u8])); 7] = [
     ("erasure_file", erasure_file),
     ("tokenizer", tokenizer),
     ("latents", latents),
+    ("http_body", http_body),
 ];
 
 fn tiny() -> &'static Path {
@@ -115,4 +116,20 @@ pub fn tokenizer(data: &[u8]) {
 /// An init-latents file as `generate --init-latents` reads it.
 pub fn latents(data: &[u8]) {
     let _ = unsee::weights::read_f32_tensor(&scratch("latents.safetensors", data), "latents", 4);
+}
+
+/// A request body of `unsee serve`: parsed as an AUTOMATIC1111 txt2img request (and, when it checks, turned into
+/// the engine's requests and their validation), and as a spec sent to `/v1/audit` (which may not name files).
+pub fn http_body(data: &[u8]) {
+    if let Ok(t) = unsee::serve::a1111::Txt2Img::parse(data) {
+        for i in 0..t.count() {
+            let _ = t.request(t.seed.unwrap_or(0), i).validate();
+        }
+        let _ = unsee::serve::a1111::infotext(&t, 0, (8, 8), "model");
+    }
+    if let Ok(text) = std::str::from_utf8(data)
+        && let Ok(s) = unsee::erase::spec::Spec::parse_remote(text)
+    {
+        let _ = s.validate();
+    }
 }

@@ -30,6 +30,9 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let spec = Spec::from_file(&a.spec)?;
+    if let Some(file) = &a.bake_single_file {
+        unsee::engine::check_single_file_target(file)?;
+    }
     let mut engine = a.model.open()?;
     let edit = engine.erase(&spec, Some(&a.out))?;
     if let Some(dir) = &a.bake {

@@ -77,7 +77,7 @@ struct Progress {
     interrupted: bool,
     #[serde(skip)]
     started: Option<Instant>,
-    /// When the job started (RFC 3339-ish local timestamp as AUTOMATIC1111's `job_timestamp`: YYYYmmddHHMMSS).
+    /// When the job started, in UTC, formatted as AUTOMATIC1111's `job_timestamp` (YYYYmmddHHMMSS).
     job_timestamp: String,
 }
 
