@@ -428,9 +428,9 @@ fn serve_starts_and_refuses_bad_options() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
+    let err = child.stderr.take().unwrap();
     let mut addr = None;
-    for line in std::io::BufReader::new(stderr).lines() {
+    for line in std::io::BufReader::new(err).lines() {
         let line = line.unwrap();
         if let Some(rest) = line.split("serving on http://").nth(1) {
             addr = Some(rest.split_whitespace().next().unwrap().to_string());
