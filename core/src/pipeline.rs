@@ -122,6 +122,19 @@ pub struct Generated {
     pub timings: Timings,
 }
 
+/// RGBA8 pixels (`width × height × 4` bytes, row-major) encoded as PNG: what the CLI writes and the server sends.
+pub fn encode_png(width: usize, height: usize, rgba: &[u8]) -> Result<Vec<u8>> {
+    use image::ImageEncoder;
+    if rgba.len() != width * height * 4 {
+        return Err(Error::Internal(format!("image buffer of {} bytes for {width}×{height}", rgba.len())));
+    }
+    let mut out = Vec::new();
+    image::codecs::png::PngEncoder::new(&mut out)
+        .write_image(rgba, width as u32, height as u32, image::ExtendedColorType::Rgba8)
+        .map_err(|e| Error::Internal(format!("PNG: {e}")))?;
+    Ok(out)
+}
+
 /// Returned by the step callback: keep going or stop (→ [`Error::Cancelled`]).
 pub enum Control {
     Continue,

@@ -108,10 +108,8 @@ impl ModelArgs {
 
 /// Writes an RGBA8 image as PNG, atomically.
 pub fn save_png(img: &image::RgbaImage, out: &Path) -> Result<()> {
-    let mut png = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut png, image::ImageFormat::Png)
-        .map_err(|e| Error::Io { path: out.to_path_buf(), source: std::io::Error::other(e.to_string()) })?;
-    unsee::weights::write_atomic(out, png.get_ref())
+    let png = unsee::pipeline::encode_png(img.width() as usize, img.height() as usize, img.as_raw())?;
+    unsee::weights::write_atomic(out, &png)
 }
 
 /// An RGBA8 image from a generation's pixels.

@@ -31,7 +31,7 @@ use crate::engine::{AppliedErasure, Engine};
 use crate::erase::audit::AuditReport;
 use crate::erase::spec::Spec;
 use crate::error::{Error, Result};
-use crate::pipeline::{Control, GenerateRequest, Inputs, Target};
+use crate::pipeline::{Control, GenerateRequest, Inputs, Target, encode_png};
 use a1111::{FieldError, Txt2Img};
 
 /// How the server behaves.
@@ -585,7 +585,7 @@ fn run_job(engine: &Engine, base: Option<&Engine>, work: Work, app: &Shared) -> 
             });
             if cancelled() { Control::Cancel } else { Control::Continue }
         }, Target::Rgba)?;
-        Ok((png(out.width, out.height, out.rgba)?, (out.width, out.height)))
+        Ok((encode_png(out.width, out.height, &out.rgba)?, (out.width, out.height)))
     };
     match work {
         Work::Txt2Img { req, seed } => {
@@ -616,15 +616,6 @@ fn run_job(engine: &Engine, base: Option<&Engine>, work: Work, app: &Shared) -> 
         }
         Work::Audit(spec) => Ok(Outcome::Audit(Box::new(engine.audit(&spec)?))),
     }
-}
-
-/// RGBA8 → PNG bytes.
-fn png(width: usize, height: usize, rgba: Vec<u8>) -> Result<Vec<u8>> {
-    let img = image::RgbaImage::from_raw(width as u32, height as u32, rgba)
-        .ok_or_else(|| Error::Internal("image buffer size".into()))?;
-    let mut out = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut out, image::ImageFormat::Png).map_err(|e| Error::Internal(format!("PNG: {e}")))?;
-    Ok(out.into_inner())
 }
 
 /// UTC `YYYYmmddHHMMSS`, AUTOMATIC1111's `job_timestamp` format.
