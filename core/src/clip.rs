@@ -161,10 +161,29 @@ impl CLIPTextModel {
 
     /// Token embeddings plus position embeddings for `ids` (`[b, s]`), the input of layer 0.
     pub fn embed(&self, ids: Tensor<2, Int>) -> Tensor<3> {
-        let [b, s] = ids.dims();
-        let e = &self.text_model.embeddings;
-        let positions = Tensor::<1, Int>::arange(0..s as i64, &ids.device()).reshape([1, s]).expand([b, s]);
-        e.token_embedding.forward(ids) + e.position_embedding.forward(positions)
+        self.add_positions(self.text_model.embeddings.token_embedding.forward(ids))
+    }
+
+    /// `inputs_embeds` (token embeddings `[b, s, hidden]`, before positions) plus position embeddings.
+    pub fn add_positions(&self, inputs_embeds: Tensor<3>) -> Tensor<3> {
+        let [b, s, _] = inputs_embeds.dims();
+        let positions = Tensor::<1, Int>::arange(0..s as i64, &inputs_embeds.device()).reshape([1, s]).expand([b, s]);
+        inputs_embeds + self.text_model.embeddings.position_embedding.forward(positions)
+    }
+
+    /// `last_hidden_state` from `inputs_embeds` (transformers' `CLIPTextModel(inputs_embeds=...)`): the entry of the
+    /// attacks, which optimise embeddings rather than token ids. Differentiable with respect to `inputs_embeds`.
+    pub fn forward_embeds(&self, inputs_embeds: Tensor<3>) -> Tensor<3> {
+        let mut x = self.add_positions(inputs_embeds);
+        for layer in &self.text_model.encoder.layers {
+            x = layer.forward(x);
+        }
+        self.text_model.final_layer_norm.forward(x)
+    }
+
+    /// The token-embedding table `[vocab, hidden]`.
+    pub fn token_embeddings(&self) -> Tensor<2> {
+        self.text_model.embeddings.token_embedding.weight.val()
     }
 
     /// `last_hidden_state`: `[b, s, hidden]`. The encoder is causal, so the state at position p depends only on

@@ -13,6 +13,7 @@ use burn::module::Module;
 use burn::tensor::Tensor;
 
 use crate::device::{DeviceChoice, select};
+use crate::erase::attack::{AttackOptions, AttackReport, Judge};
 use crate::erase::audit::AuditReport;
 use crate::erase::spec::Spec;
 use crate::erase::{Delta, Edit, apply_delta, file};
@@ -202,6 +203,37 @@ impl Engine {
             }
             Ok(())
         })
+    }
+
+    /// Attacks the model in use — or, when no erasure is in effect, the edit `spec` describes, computed on a copy —
+    /// on the concepts of `spec`, with target images made by the base weights ([`crate::erase::attack::run`]). When
+    /// the spec's concepts are shapes-world pairs, the shapes oracle judges every attacked picture; `opts.templates`
+    /// left empty means held-out templates: the shapes world's, or those of the spec's template family.
+    pub fn attack(&self, spec: &Spec, opts: &AttackOptions, progress: &mut dyn FnMut(&str, usize, usize),
+                  cancelled: &dyn Fn() -> bool) -> Result<AttackReport> {
+        let attacked = if self.applied.is_empty() {
+            let mut sd = self.base.clone();
+            crate::erase::erase(&mut sd, spec)?;
+            sd
+        } else {
+            self.model.clone()
+        };
+        let oracle = crate::shapes::eval::Erasure::from_spec(spec);
+        let mut opts = opts.clone();
+        if oracle.is_some() && opts.rewrite.is_none() {
+            opts.rewrite = Some(crate::shapes::article);
+        }
+        if opts.templates.is_empty() {
+            opts.templates = match oracle {
+                Some(_) => crate::shapes::HELD_OUT_TEMPLATES.iter().map(|t| t.to_string()).collect(),
+                None => crate::erase::spec::held_out_templates(&spec.templates_name),
+            };
+        }
+        let judge = |c: usize, rgba: &[u8], w: usize, h: usize| {
+            oracle.as_ref().is_some_and(|e| e.shows(&crate::shapes::analyse(rgba, w, h, 4), e.items[c].0))
+        };
+        crate::erase::attack::run(&self.base, &attacked, spec, &opts, oracle.as_ref().map(|_| &judge as Judge),
+                                  progress, cancelled)
     }
 
     /// The model, its files and configs, the device and the erasures in effect.

@@ -137,6 +137,24 @@ impl ClipTokenizer {
         Ok(t)
     }
 
+    /// The text of content tokens `ids` as transformers' `CLIPTokenizer.decode` gives it: tokens joined, `</w>` as
+    /// a space, byte-level characters back to UTF-8 (invalid sequences replaced). Unknown ids are an error.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        let table = byte_decoder();
+        let mut bytes = vec![];
+        for &id in ids {
+            let tok = self.inner.id_to_token(id).ok_or_else(|| Error::Tokenizer(format!("no token has id {id}")))?;
+            let tok = tok.replace("</w>", " ");
+            for ch in tok.chars() {
+                match table.get(&ch) {
+                    Some(&b) => bytes.push(b),
+                    None => bytes.extend(ch.to_string().as_bytes()),
+                }
+            }
+        }
+        Ok(String::from_utf8_lossy(&bytes).trim().to_string())
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
@@ -145,6 +163,23 @@ impl ClipTokenizer {
     pub fn max_id(&self) -> u32 {
         self.inner.get_vocab(true).into_values().max().unwrap_or(0)
     }
+}
+
+/// GPT-2's byte-level alphabet reversed: the character each byte is written as → the byte.
+fn byte_decoder() -> std::collections::HashMap<char, u8> {
+    let printable = |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
+    let mut next = 256u32;
+    (0..=255u32)
+        .map(|b| {
+            let c = if printable(b) {
+                b
+            } else {
+                next += 1;
+                next - 1
+            };
+            (char::from_u32(c).expect("code points below 512 are chars"), b as u8)
+        })
+        .collect()
 }
 
 /// transformers' `CLIPTokenizer` pipeline as a `tokenizer.json` document around the given vocabulary and merges.

@@ -10,6 +10,7 @@ use unsee::engine::{Engine, EngineOptions};
 use unsee::error::{Error, Result};
 use unsee::weights::Precision;
 
+mod attack;
 mod audit;
 mod encode;
 mod erase;
@@ -41,6 +42,9 @@ enum Command {
     Grid(grid::Args),
     /// Measure leakage of erased concepts and drift of preserved prompts on held-out templates.
     Audit(audit::Args),
+    /// Attack an erasure: optimised typed prompts (UnlearnDiffAtk), textual inversion or adversarial conditioning;
+    /// judged by the oracle on the shapes world.
+    Attack(attack::Args),
     /// Serve a local web page and an AUTOMATIC1111-compatible HTTP API (`/sdapi/v1/txt2img`) on one engine.
     #[cfg(feature = "serve")]
     Serve(serve::Args),
@@ -54,6 +58,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Erase(a) => erase::run(a),
         Command::Grid(a) => grid::run(a),
         Command::Audit(a) => audit::run(a),
+        Command::Attack(a) => attack::run(a),
         #[cfg(feature = "serve")]
         Command::Serve(a) => serve::run(a),
     }

@@ -118,6 +118,37 @@ impl Erasure {
         ]
     }
 
+    /// The erasure a spec describes when every concept and replacement is a "colour shape" pair of the shapes
+    /// world (what `unsee attack` judges with the oracle): one shape in several colours is a shape erasure, one
+    /// colour on several shapes a colour erasure, a single pair a pair erasure. `None` otherwise.
+    pub fn from_spec(spec: &Spec) -> Option<Self> {
+        let pair = |text: &str| -> Option<Pair> {
+            let words: Vec<&str> = text.split_whitespace().collect();
+            match words.as_slice() {
+                [c, s] => Some((Colour::from_name(c)?, Shape::from_name(s)?)),
+                _ => None,
+            }
+        };
+        let items: Vec<(Pair, Pair)> =
+            spec.erase.iter().map(|e| Some((pair(&e.concept)?, pair(&e.replace_with)?))).collect::<Option<_>>()?;
+        let first = items.first()?.0;
+        let kind = if items.len() == 1 {
+            Kind::Pair
+        } else if items.iter().all(|i| i.0.1 == first.1) {
+            Kind::Shape
+        } else if items.iter().all(|i| i.0.0 == first.0) {
+            Kind::Colour
+        } else {
+            return None;
+        };
+        let name = match kind {
+            Kind::Shape => format!("shape: {}", first.1),
+            Kind::Colour => format!("colour: {}", first.0),
+            Kind::Pair => format!("pair: {} {}", first.0, first.1),
+        };
+        Some(Self { name, kind, items })
+    }
+
     /// Whether `found` still shows the concept of `pair`.
     pub fn shows(&self, found: &[Detection], pair: Pair) -> bool {
         found.iter().any(|d| match self.kind {

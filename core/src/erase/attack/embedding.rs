@@ -1,24 +1,19 @@
-//! Attacks on an erased model: ways to get an erased concept back, used to measure how robust an erasure is.
-//!
-//! - **Embedding attack** (white box): RECE's closed-form adversarial embedding (the paper is cited in
-//!   [`super`]). Given the base cross-attention projections W₀ₗ and the edited ones W′ₗ, the text embedding that
-//!   best reproduces, through the edited model, the keys and values the base model gives the concept prompt c is
+//! The embedding attack (white box): RECE's closed-form adversarial embedding (the paper is cited in
+//! [`crate::erase`]). Given the base cross-attention projections W₀ₗ and the edited ones W′ₗ, the text embedding
+//! that best reproduces, through the edited model, the keys and values the base model gives the concept prompt c is
 //!
 //!   c′ = argmin_e Σₗ ‖W′ₗ e − W₀ₗ c‖² + λ‖e‖² = (λI + Σₗ W′ₗᵀW′ₗ)⁻¹ (Σₗ W′ₗᵀW₀ₗ) c,
 //!
-//!   applied to every one of the 77 token columns of the prompt's hidden states. The model is then conditioned on
-//!   c′ directly ([`crate::pipeline::Inputs::context`]). An edit that only rotates the concept's keys away
-//!   (a small ‖ΔW‖) is undone by it; an edit whose erased directions are absent from W′'s row space is not. It
-//!   only attacks UNet edits: a text-encoder edit (`erasepro-text`) leaves the projections unchanged, so the
-//!   attack degenerates to "use the original text encoder": [`EmbeddingAttack::new`] returns `None` for it.
-//!
-//! (Prompt-level attacks, such as putting the concept into a composition with another object, need no engine
-//! support: they are prompts; `unsee::shapes::eval` measures one.)
+//! applied to every one of the 77 token columns of the prompt's hidden states. The model is then conditioned on
+//! c′ directly ([`crate::pipeline::Inputs::context`]). An edit that only rotates the concept's keys away
+//! (a small ‖ΔW‖) is undone by it; an edit whose erased directions are absent from W′'s row space is not. It
+//! only attacks UNet edits: a text-encoder edit (`erasepro-text`) leaves the projections unchanged, so the
+//! attack degenerates to "use the original text encoder": [`EmbeddingAttack::new`] returns `None` for it.
 
 use burn::tensor::Tensor;
 
-use super::linalg::{self, M, identity, zeros};
-use super::matrices::{Component, cross_attention_names, read_matrix};
+use crate::erase::linalg::{self, M, identity, zeros};
+use crate::erase::matrices::{Component, cross_attention_names, read_matrix};
 use crate::error::{Error, Result};
 use crate::load::StableDiffusion;
 
