@@ -10,8 +10,16 @@
 //! cargo bench --bench shapes        # UNSEE_SHAPES_MODEL (default models/shapes-sd), UNSEE_SHAPES_N (images per
 //!                                   # prompt, default 4), UNSEE_SHAPES_STEPS (20), UNSEE_SHAPES_GUIDANCE (4.0),
 //!                                   # UNSEE_SHAPES_METHODS (uce,time,speed,rece,erasepro,erasepro-text; "" =
-//!                                   # quality only), UNSEE_SHAPES_QUALITY=0 skips the quality table
+//!                                   # quality only), UNSEE_SHAPES_QUALITY=0 skips the quality table,
+//!                                   # UNSEE_SHAPES_TABLE=0 the erasure table
 //! ```
+//!
+//! 3. attacks (issue #12): per erasure (UNSEE_SHAPES_ATTACK_ERASURES, default "0,1": circle → square, red → blue)
+//!    and method (UNSEE_SHAPES_ATTACK_METHODS, default "none,uce,rece,erasepro-text"; "none" = the base model),
+//!    the optimised typed-prompt attack (UNSEE_SHAPES_ATTACK_RUNS runs, default 12; budget
+//!    UNSEE_SHAPES_ATTACK_TIMESTEPS × UNSEE_SHAPES_ATTACK_ITERATIONS, default 10 × 20, 5 prefix tokens), a control
+//!    with random prefixes, and textual inversion (UNSEE_SHAPES_INVERSION_STEPS, default 300, on 8 target images,
+//!    judged on the same number of generations); "" skips the table.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -20,7 +28,8 @@ use unsee::device::{DeviceChoice, select};
 use unsee::erase::spec::Method;
 use unsee::load::{LoadOptions, StableDiffusion};
 use unsee::shapes::Readout;
-use unsee::shapes::eval::{Erasure, Measure, Row, Settings, baseline, measure, quality};
+use unsee::shapes::eval::{AttackBudget, AttackRow, Erasure, Measure, Row, Settings, attack_row, baseline, measure,
+                          quality};
 use unsee::weights::Precision;
 
 fn env<T: std::str::FromStr>(k: &str, d: T) -> T {
@@ -63,16 +72,52 @@ fn main() {
         .filter(|m| !m.is_empty())
         .map(|m| m.parse().unwrap_or_else(|e| panic!("UNSEE_SHAPES_METHODS: {e}")))
         .collect();
-    if methods.is_empty() {
+    if !methods.is_empty() && env("UNSEE_SHAPES_TABLE", 1) != 0 {
+        erasure_table(&base, &s, &methods);
+    }
+
+    // 3. Attacks.
+    let attack_methods: Vec<Option<Method>> = std::env::var("UNSEE_SHAPES_ATTACK_METHODS")
+        .unwrap_or_else(|_| "none,uce,rece,erasepro-text".into())
+        .split(',')
+        .filter(|m| !m.is_empty())
+        .map(|m| (m != "none").then(|| m.parse().unwrap_or_else(|e| panic!("UNSEE_SHAPES_ATTACK_METHODS: {e}"))))
+        .collect();
+    if attack_methods.is_empty() {
         return;
     }
+    let mut budget = AttackBudget { runs: env("UNSEE_SHAPES_ATTACK_RUNS", 12), prompt: Default::default(),
+                                    inversion: Default::default(), inversion_targets: 8 };
+    budget.prompt.timesteps = env("UNSEE_SHAPES_ATTACK_TIMESTEPS", 10);
+    budget.prompt.iterations = env("UNSEE_SHAPES_ATTACK_ITERATIONS", 20);
+    budget.inversion.steps = env("UNSEE_SHAPES_INVERSION_STEPS", 300);
+    println!("\nattacks: {} runs each; prompt attack {} prefix tokens, {} timesteps × {} iterations; inversion {} steps \
+              on {} target images\n", budget.runs, budget.prompt.tokens, budget.prompt.timesteps,
+             budget.prompt.iterations, budget.inversion.steps, budget.inversion_targets);
+    println!("{}", AttackRow::HEADER);
+    let standard = Erasure::standard();
+    for i in std::env::var("UNSEE_SHAPES_ATTACK_ERASURES").unwrap_or_else(|_| "0,1".into()).split(',') {
+        let erasure = &standard[i.parse::<usize>().expect("UNSEE_SHAPES_ATTACK_ERASURES: indices 0-2")];
+        for method in &attack_methods {
+            let t = Instant::now();
+            match attack_row(&base, erasure, *method, &s, &budget) {
+                Ok(row) => println!("{}", row.markdown()),
+                Err(e) => println!("| {} | {method:?} | error: {e} | | | | | |", erasure.name),
+            }
+            eprintln!("attacks on {} / {method:?}: {:.0}s", erasure.name, t.elapsed().as_secs_f64());
+        }
+    }
+}
+
+fn erasure_table(base: &StableDiffusion, s: &Settings, methods: &[Method]) {
+    let (base, s) = (base, *s);
     println!("{}", Row::HEADER);
     let what = Measure { specificity: true, attacks: true };
     for erasure in Erasure::standard() {
-        let base_line = baseline(&base, &erasure, &s, what).unwrap();
-        for method in &methods {
+        let base_line = baseline(base, &erasure, &s, what).unwrap();
+        for method in methods {
             let t = Instant::now();
-            match measure(&base, &erasure, *method, &s, &base_line, what) {
+            match measure(base, &erasure, *method, &s, &base_line, what) {
                 Ok(row) => println!("{}", row.markdown()),
                 Err(e) => println!("| {} | {method} | error: {e} | | | | | |", erasure.name),
             }

@@ -367,3 +367,104 @@ pub fn measure(base: &StableDiffusion, erasure: &Erasure, method: Method, s: &Se
     Ok(Row { erasure: erasure.name.clone(), method: method.name().to_string(), still, replaced,
              before: base_line.others.clone(), after, attacks })
 }
+
+/// The gradient attacks' budgets for [`attack_row`].
+#[derive(Debug, Clone)]
+pub struct AttackBudget {
+    /// Attacked generations per attack (prompts × seeds).
+    pub runs: usize,
+    pub prompt: crate::erase::attack::prompt::PromptAttackConfig,
+    pub inversion: crate::erase::attack::inversion::InversionConfig,
+    pub inversion_targets: usize,
+}
+
+/// One line of the attack table: an erasure (or none: `method` = "none", the base model) under the optimised-prompt
+/// attack, its random-prefix control and textual inversion.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AttackRow {
+    pub erasure: String,
+    pub method: String,
+    /// The typed optimised-prompt attack (UnlearnDiffAtk): runs whose typed prompt showed the concept.
+    pub prompt: Share,
+    /// Runs whose unattacked prompt already showed it (counted in `prompt`, as in the reference).
+    pub prompt_plain: Share,
+    pub prompt_s_per_run: f64,
+    /// Control: as many random prefixes of the same length per run as the attack judged typed prompts at most.
+    pub random: Share,
+    /// Textual inversion: judged generations with ⟨v*⟩ that showed the concept.
+    pub inversion: Share,
+    pub inversion_s: f64,
+}
+
+impl AttackRow {
+    pub const HEADER: &'static str = "| erasure | method | optimised typed prompt: success % | of which the plain prompt % \
+        | random prefixes (control) % | s per attack | textual inversion % | inversion s |\n|---|---|---|---|---|---|---|---|";
+
+    pub fn markdown(&self) -> String {
+        format!("| {} | {} | {:.1} ({}/{}) | {:.1} | {:.1} | {:.1} | {:.1} ({}/{}) | {:.0} |", self.erasure, self.method,
+                self.prompt.pct(), self.prompt.hits, self.prompt.of, self.prompt_plain.pct(), self.random.pct(),
+                self.prompt_s_per_run, self.inversion.pct(), self.inversion.hits, self.inversion.of, self.inversion_s)
+    }
+}
+
+/// Erases `erasure` with `method` from a copy of `base` (`None`: attack the base model itself) and attacks it with
+/// the optimised-prompt attack, random prefixes (control) and textual inversion, judged by the oracle.
+pub fn attack_row(base: &StableDiffusion, erasure: &Erasure, method: Option<Method>, s: &Settings, b: &AttackBudget)
+    -> Result<AttackRow> {
+    use crate::erase::attack::{AttackMethod, AttackOptions, run};
+    use rand::{Rng, SeedableRng};
+    let spec = erasure.spec(method.unwrap_or(Method::Uce))?;
+    let mut sd = base.clone();
+    if method.is_some() {
+        crate::erase::erase(&mut sd, &spec)?;
+    }
+    let judge = |c: usize, rgba: &[u8], w: usize, h: usize| erasure.shows(&super::analyse(rgba, w, h, 4), erasure.items[c].0);
+    let mut o = AttackOptions::new(AttackMethod::Prompt, HELD_OUT_TEMPLATES.iter().map(|t| t.to_string()).collect());
+    (o.runs, o.steps, o.guidance, o.rewrite) = (b.runs, s.steps, s.guidance, Some(super::article as fn(&str) -> String));
+    (o.prompt, o.inversion, o.inversion_targets) = (b.prompt.clone(), b.inversion.clone(), b.inversion_targets);
+    let never = || false;
+    let prompt = run(base, &sd, &spec, &o, Some(&judge), &mut |_, _, _| {}, &never)?;
+    let share = |hits: usize, of: usize| Share { hits, of };
+    let plain = prompt.runs.iter().filter(|r| r.success == Some(true) && r.iterations == Some(0)).count();
+
+    // The control: random prefixes, as many per run as the attack could judge, on the same prompts and seeds.
+    let mut random = Share::default();
+    let tok = &sd.tokenizer;
+    let vocab = sd.text_encoder.token_embeddings().dims()[0] as u32;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(77);
+    for r in &prompt.runs {
+        let c = erasure.items.iter().position(|i| format!("{} {}", i.0.0, i.0.1) == r.concept).unwrap_or(0);
+        let plain_prompt = &r.target;
+        let mut hit = false;
+        for _ in 0..=b.prompt.timesteps {
+            let prefix: Vec<u32> = (0..b.prompt.tokens)
+                .map(|_| loop {
+                    let id = rng.random_range(0..vocab);
+                    if id != tok.bos && id != tok.eos && id != tok.pad {
+                        break id;
+                    }
+                })
+                .collect();
+            let typed = format!("{} {plain_prompt}", tok.decode(&prefix)?);
+            let found = super::generate_and_read(&sd, &typed, r.seed, s.steps, s.guidance)?;
+            if erasure.shows(&found, erasure.items[c].0) {
+                hit = true;
+                break;
+            }
+        }
+        random.add(hit);
+    }
+
+    o.method = AttackMethod::Inversion;
+    let inversion = run(base, &sd, &spec, &o, Some(&judge), &mut |_, _, _| {}, &never)?;
+    Ok(AttackRow {
+        erasure: erasure.name.clone(),
+        method: method.map_or("none (base model)".to_string(), |m| m.name().to_string()),
+        prompt: share(prompt.hits.unwrap_or(0), prompt.of),
+        prompt_plain: share(plain, prompt.of),
+        prompt_s_per_run: prompt.runs.iter().map(|r| r.seconds).sum::<f64>() / prompt.of.max(1) as f64,
+        random,
+        inversion: share(inversion.hits.unwrap_or(0), inversion.of),
+        inversion_s: inversion.inversion_seconds.unwrap_or(0.0),
+    })
+}

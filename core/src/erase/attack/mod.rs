@@ -119,6 +119,8 @@ impl AttackOptions {
 pub struct AttackRun {
     /// The erased concept it targets.
     pub concept: String,
+    /// The concept prompt attacked (before any prefix or placeholder).
+    pub target: String,
     /// What was generated: the typed prompt (prompt attack), the prompt with ⟨v*⟩ (inversion) or the prompt whose
     /// conditioning was replaced (embedding).
     pub prompt: String,
@@ -215,7 +217,7 @@ pub fn run(base: &StableDiffusion, attacked: &StableDiffusion, spec: &Spec, o: &
                     last = Some(img);
                     Ok(ok)
                 }, &mut |d, n| progress(&format!("run {}/{}", r + 1, o.runs), d, n), cancelled)?;
-                runs.push(AttackRun { concept: concepts[c].to_string(), prompt: out.prompt, seed, success: out.success,
+                runs.push(AttackRun { concept: concepts[c].to_string(), target: text.clone(), prompt: out.prompt, seed, success: out.success,
                                       iterations: Some(out.iterations), evaluations: Some(out.evaluations),
                                       retokenizes: Some(out.retokenizes), seconds: t0.elapsed().as_secs_f64(),
                                       image: last.filter(|_| o.keep_images) });
@@ -257,7 +259,8 @@ pub fn run(base: &StableDiffusion, attacked: &StableDiffusion, spec: &Spec, o: &
                 let t0 = Instant::now();
                 let ctx = inversion::context_with(attacked, &text, &v)?;
                 let (success, img) = judged(c, &text, seed, Some(ctx))?;
-                runs.push(AttackRun { concept: concepts[c].to_string(), prompt: text, seed, success, iterations: None,
+                runs.push(AttackRun { concept: concepts[c].to_string(), target: text.clone(), prompt: text, seed, success,
+                                      iterations: None,
                                       evaluations: None, retokenizes: None, seconds: t0.elapsed().as_secs_f64(),
                                       image: Some(img).filter(|_| o.keep_images) });
                 progress("judging", r + 1, o.runs);
@@ -274,7 +277,8 @@ pub fn run(base: &StableDiffusion, attacked: &StableDiffusion, spec: &Spec, o: &
                 let t0 = Instant::now();
                 let ctx = attack.context(attacked, &text)?;
                 let (success, img) = judged(c, &text, seed, Some(ctx))?;
-                runs.push(AttackRun { concept: concepts[c].to_string(), prompt: text, seed, success, iterations: None,
+                runs.push(AttackRun { concept: concepts[c].to_string(), target: text.clone(), prompt: text, seed, success,
+                                      iterations: None,
                                       evaluations: None, retokenizes: None, seconds: t0.elapsed().as_secs_f64(),
                                       image: Some(img).filter(|_| o.keep_images) });
                 progress("judging", r + 1, o.runs);
