@@ -65,6 +65,7 @@ impl From<CoreError> for UnseeError {
             | CoreError::MissingComponent { .. }
             | CoreError::WeightMismatch { .. }
             | CoreError::PickleRefused { .. }
+            | CoreError::UnsafePickle { .. }
             | CoreError::CorruptWeights { .. }
             | CoreError::NonFiniteWeights { .. }
             | CoreError::NonFiniteOutput(_) => Self::InvalidModel(m),

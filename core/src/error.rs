@@ -22,6 +22,11 @@ pub enum Error {
              st.save_file({{k: v.contiguous() for k, v in sd.get('state_dict', sd).items()}}, 'model.safetensors')\"`")]
     PickleRefused { file: PathBuf },
 
+    /// A PyTorch checkpoint refused before any tensor is read: a reference outside tensor storage (or a format
+    /// the reference check cannot follow). Nothing in it is ever executed.
+    #[error("{}: refused PyTorch checkpoint: {message}", file.display())]
+    UnsafePickle { file: PathBuf, message: String },
+
     #[error("corrupt or unreadable safetensors file {file}: {message}")]
     CorruptWeights { file: PathBuf, message: String },
 

@@ -11,6 +11,7 @@ pub mod limits;
 pub mod load;
 pub mod model;
 pub mod nn;
+pub mod pickle;
 pub mod pipeline;
 pub mod scheduler;
 #[cfg(feature = "serve")]

@@ -169,6 +169,28 @@ impl StableDiffusion {
             if !te.exists() {
                 return Err(Error::ModelNotFound(te.clone()));
             }
+            // A PyTorch checkpoint (AdvUnlearn's encoders are published only as pickles): read without executing
+            // it, with the config beside it or, for a bare `.pt`, the model's own text-encoder config.
+            if let Some(ckpt) = crate::pickle::text_encoder_checkpoint(te) {
+                let config_root = if te.is_dir() && te.join("config.json").is_file() {
+                    te.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+                } else {
+                    root.clone()
+                };
+                let component = if te.is_dir() && te.join("config.json").is_file() {
+                    te.file_name().and_then(|n| n.to_str()).unwrap_or("text_encoder").to_string()
+                } else {
+                    "text_encoder".to_string()
+                };
+                let config: ClipTextConfig = read_config(&config_root, &component, "config.json")?;
+                check_text_encoder(te, &config, &unet_config, &tokenizer)?;
+                let mut model = CLIPTextModel::new(&config, dev)?;
+                let bytes = crate::pickle::text_encoder_safetensors(&ckpt)?;
+                load_module(&mut model, "text_encoder", TensorSource::Bytes { origin: ckpt.clone(), bytes }, precision)?;
+                (text_encoder, text_config) = (model, config);
+                files.retain(|(c, _)| c != "text_encoder");
+                files.push(("text_encoder".into(), ckpt));
+            } else {
             // A `text_encoder` folder itself, or a model folder that has one.
             let (te_root, component) = if te.join("config.json").is_file() {
                 let name = te.file_name().and_then(|n| n.to_str()).unwrap_or("text_encoder").to_string();
@@ -181,6 +203,7 @@ impl StableDiffusion {
             (text_encoder, text_config) = (model, config);
             files.retain(|(c, _)| c != "text_encoder");
             files.push(("text_encoder".into(), file));
+            }
         }
         Ok(Self {
             location,

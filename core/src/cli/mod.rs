@@ -12,6 +12,7 @@ use unsee::weights::Precision;
 
 mod attack;
 mod audit;
+mod convert;
 mod encode;
 mod erase;
 mod generate;
@@ -45,6 +46,9 @@ enum Command {
     /// Attack an erasure: optimised typed prompts (UnlearnDiffAtk), textual inversion or adversarial conditioning;
     /// judged by the oracle on the shapes world.
     Attack(attack::Args),
+    /// Write a PyTorch text-encoder checkpoint (AdvUnlearn's) as a safetensors `text_encoder` folder, without
+    /// executing any pickle code.
+    Convert(convert::Args),
     /// Serve a local web page and an AUTOMATIC1111-compatible HTTP API (`/sdapi/v1/txt2img`) on one engine.
     #[cfg(feature = "serve")]
     Serve(serve::Args),
@@ -59,6 +63,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Grid(a) => grid::run(a),
         Command::Audit(a) => audit::run(a),
         Command::Attack(a) => attack::run(a),
+        Command::Convert(a) => convert::run(a),
         #[cfg(feature = "serve")]
         Command::Serve(a) => serve::run(a),
     }
@@ -98,9 +103,18 @@ impl ModelArgs {
         Self { erasures: vec![], text_encoder: None, ..self.clone() }
     }
 
+    /// The model path (`--model`, `$UNSEE_MODEL` or the embedded default).
+    pub fn model_dir(&self) -> PathBuf {
+        self.model.clone().unwrap_or_else(unsee::model::default_model_dir)
+    }
+
+    pub fn set_text_encoder(&mut self, path: PathBuf) {
+        self.text_encoder = Some(path);
+    }
+
     pub fn open(&self) -> Result<Engine> {
         Engine::open(&EngineOptions {
-            model: self.model.clone().unwrap_or_else(unsee::model::default_model_dir),
+            model: self.model_dir(),
             config_dir: self.config.clone(),
             text_encoder: self.text_encoder.clone(),
             erasures: self.erasures.clone(),
