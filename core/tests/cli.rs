@@ -453,3 +453,61 @@ fn serve_starts_and_refuses_bad_options() {
     fails_with(&["erase", "--spec", &spec.display().to_string(), "--out", &tmp("bsf").join("e.safetensors").display().to_string(),
                  "--bake-single-file", &tmp("bsf").join("model.ckpt").display().to_string()], "must end in .safetensors");
 }
+
+/// `unsee attack` on the default shapes model with a small budget: it prints what it found and the oracle's share,
+/// writes the pictures and the embedding; bad options are refused before any work. `audit --attack` adds the
+/// section; `convert` writes a text encoder the model loads.
+#[test]
+fn attack_audit_and_convert_from_the_cli() {
+    let d = tmp("attack");
+    let spec = repo().join("models/specs/shapes-circle.toml");
+    let spec = spec.to_str().unwrap();
+    let shapes = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_unsee")).args(args).env_remove("UNSEE_MODEL").output().unwrap()
+    };
+    let o = shapes(&["attack", "--device", "cpu", "--spec", spec, "--method", "prompt", "--runs", "2",
+                     "--timesteps", "2", "--iterations", "3", "--guidance", "4", "--out", d.to_str().unwrap()]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(out.contains("judged by the shapes oracle") && out.contains("circle"), "{out}");
+    assert!(d.join("run-00.png").is_file() && d.join("run-01.png").is_file());
+
+    let emb = d.join("v.safetensors");
+    let o = shapes(&["attack", "--device", "cpu", "--spec", spec, "--method", "inversion", "--runs", "2",
+                     "--inversion-steps", "5", "--inversion-targets", "2", "--guidance", "4", "--json",
+                     "--save-embedding", emb.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["method"], "inversion");
+    assert_eq!(report["runs"].as_array().unwrap().len(), 2);
+    assert!(emb.is_file());
+
+    fails_with(&["attack", "--spec", spec, "--method", "prompt", "--save-embedding", "x.safetensors"],
+               "go with --method inversion");
+    fails_with(&["attack", "--spec", spec, "--runs", "0"], "runs must be");
+    fails_with(&["attack", "--spec", spec, "--tokens", "0"], "tokens must be");
+    fails_with(&["attack", "--spec", spec, "--method", "nonsense"], "invalid value");
+    fails_with(&["attack", "--spec", spec, "--out", "/nonexistent-folder"], "not a folder");
+    fails_with(&["attack", "--spec", spec, "--method", "inversion", "--load-embedding", spec], "corrupt or unreadable");
+
+    let o = shapes(&["audit", "--device", "cpu", "--spec", spec, "--attack", "embedding", "--attack-runs", "2",
+                     "--attack-guidance", "4"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("| embedding | raw conditioning"), "{out}");
+
+    // convert: a checkpoint that is not a PyTorch file is refused; a generated AdvUnlearn-layout one converts.
+    fails_with(&["convert", "--checkpoint", spec, "--out", d.join("te").to_str().unwrap()], "not a PyTorch checkpoint");
+    let ck = d.join("ckpt");
+    let status = Command::new("python3").arg(repo().join("tests/reference/make_torch_checkpoints.py"))
+        .arg(model_dir("tiny").join("text_encoder")).arg(&ck).status().unwrap();
+    assert!(status.success());
+    let te = d.join("te");
+    let o = unsee(&["convert", "--device", "cpu", "--checkpoint", ck.join("hf").to_str().unwrap(),
+                    "--out", te.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(te.join("model.safetensors").is_file() && te.join("config.json").is_file());
+    fails_with(&["convert", "--checkpoint", ck.join("evil-system.pt").to_str().unwrap(),
+                 "--out", d.join("evil").to_str().unwrap()], "system");
+    assert!(!d.join("evil").exists(), "nothing is written for a refused checkpoint");
+}
