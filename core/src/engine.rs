@@ -15,6 +15,7 @@ use burn::tensor::Tensor;
 use crate::device::{DeviceChoice, select};
 use crate::erase::attack::{AttackOptions, AttackReport, Judge};
 use crate::erase::audit::AuditReport;
+use crate::erase::harden::HardenReport;
 use crate::erase::spec::Spec;
 use crate::erase::{Delta, Edit, apply_delta, file};
 use crate::error::{Error, Result};
@@ -97,6 +98,10 @@ pub struct Engine {
     base: StableDiffusion,
     model: StableDiffusion,
     applied: Vec<AppliedErasure>,
+    /// The text encoder in use was hardened in this session (`harden`).
+    hardened: bool,
+    /// What the engine was opened with (the attacks reload the model's own text encoder when it was replaced).
+    opts: EngineOptions,
 }
 
 impl Engine {
@@ -127,7 +132,7 @@ impl Engine {
                 deltas,
             });
         }
-        Ok(Self { base, model, applied })
+        Ok(Self { base, model, applied, hardened: false, opts: opts.clone() })
     }
 
     /// The model in use (base + erasures).
@@ -205,18 +210,28 @@ impl Engine {
         })
     }
 
-    /// Attacks the model in use — or, when no erasure is in effect, the edit `spec` describes, computed on a copy —
-    /// on the concepts of `spec`, with target images made by the base weights ([`crate::erase::attack::run`]). When
-    /// the spec's concepts are shapes-world pairs, the shapes oracle judges every attacked picture; `opts.templates`
-    /// left empty means held-out templates: the shapes world's, or those of the spec's template family.
+    /// Attacks the model as loaded — base + erasure files, a replaced (`--text-encoder`) or hardened text encoder —
+    /// or, when none of these is in effect, the edit `spec` describes, computed on a copy; on the concepts of
+    /// `spec` ([`crate::erase::attack::run`]). The attacks' target images are made by the base weights with the
+    /// model's own text encoder (reloaded when it was replaced). When the spec's concepts are shapes-world pairs,
+    /// the shapes oracle judges every attacked picture; `opts.templates` left empty means held-out templates: the
+    /// shapes world's, or those of the spec's template family.
     pub fn attack(&self, spec: &Spec, opts: &AttackOptions, progress: &mut dyn FnMut(&str, usize, usize),
                   cancelled: &dyn Fn() -> bool) -> Result<AttackReport> {
-        let attacked = if self.applied.is_empty() {
+        let replaced = self.opts.text_encoder.is_some();
+        let attacked = if !self.applied.is_empty() || self.hardened || replaced {
+            self.model.clone()
+        } else {
             let mut sd = self.base.clone();
             crate::erase::erase(&mut sd, spec)?;
             sd
+        };
+        let reference = if replaced {
+            let load = LoadOptions { check: self.opts.check, config_dir: self.opts.config_dir.clone(), text_encoder: None };
+            let own = StableDiffusion::load(&self.opts.model, self.base.device.clone(), &load)?;
+            StableDiffusion { text_encoder: own.text_encoder, text_config: own.text_config, ..self.base.clone() }
         } else {
-            self.model.clone()
+            self.base.clone()
         };
         let oracle = crate::shapes::eval::Erasure::from_spec(spec);
         let mut opts = opts.clone();
@@ -232,8 +247,30 @@ impl Engine {
         let judge = |c: usize, rgba: &[u8], w: usize, h: usize| {
             oracle.as_ref().is_some_and(|e| e.shows(&crate::shapes::analyse(rgba, w, h, 4), e.items[c].0))
         };
-        crate::erase::attack::run(&self.base, &attacked, spec, &opts, oracle.as_ref().map(|_| &judge as Judge),
+        crate::erase::attack::run(&reference, &attacked, spec, &opts, oracle.as_ref().map(|_| &judge as Judge),
                                   progress, cancelled)
+    }
+
+    /// Hardens the text encoder in use against the concepts of `spec` (AdvUnlearn, [`crate::erase::harden`]) and
+    /// puts the hardened one in its place; the previous encoder is the frozen reference. Nothing changes on error.
+    pub fn harden(&mut self, spec: &Spec, progress: &mut dyn FnMut(&str, usize, usize),
+                  cancelled: &dyn Fn() -> bool) -> Result<HardenReport> {
+        let (te, report) = crate::erase::harden::harden(&self.model, spec, progress, cancelled)?;
+        self.model.text_encoder = te;
+        self.hardened = true;
+        Ok(report)
+    }
+
+    /// Writes the text encoder in use as a diffusers `text_encoder` folder (what `--text-encoder` loads).
+    pub fn save_text_encoder(&self, out: &Path) -> Result<()> {
+        let own = self.model.files.iter().find(|(c, _)| c == "text_encoder").and_then(|(_, f)| f.parent())
+            .map(|d| d.join("config.json")).filter(|p| p.is_file());
+        let root = match &self.model.location {
+            crate::model::ModelLocation::Folder(d) => d.clone(),
+            crate::model::ModelLocation::SingleFile { config_dir, .. } => config_dir.clone(),
+        };
+        let config = own.unwrap_or_else(|| root.join("text_encoder").join("config.json"));
+        crate::erase::harden::save_text_encoder(&self.model.text_encoder, &config, out)
     }
 
     /// The model, its files and configs, the device and the erasures in effect.

@@ -16,6 +16,7 @@ mod convert;
 mod encode;
 mod erase;
 mod generate;
+mod harden;
 mod grid;
 mod info;
 #[cfg(feature = "serve")]
@@ -49,6 +50,8 @@ enum Command {
     /// Write a PyTorch text-encoder checkpoint (AdvUnlearn's) as a safetensors `text_encoder` folder, without
     /// executing any pickle code.
     Convert(convert::Args),
+    /// Train a robust erased text encoder on the device (AdvUnlearn) and write it as a `text_encoder` folder.
+    Harden(harden::Args),
     /// Serve a local web page and an AUTOMATIC1111-compatible HTTP API (`/sdapi/v1/txt2img`) on one engine.
     #[cfg(feature = "serve")]
     Serve(serve::Args),
@@ -64,6 +67,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Audit(a) => audit::run(a),
         Command::Attack(a) => attack::run(a),
         Command::Convert(a) => convert::run(a),
+        Command::Harden(a) => harden::run(a),
         #[cfg(feature = "serve")]
         Command::Serve(a) => serve::run(a),
     }

@@ -30,6 +30,7 @@ pub mod erasepro;
 pub mod erasepro_text;
 pub mod file;
 pub mod gram;
+pub mod harden;
 pub mod keys;
 pub mod linalg;
 pub mod matrices;

@@ -87,6 +87,8 @@ pub struct Spec {
     pub null_threshold: f64,
     pub augment: usize,
     pub filter: bool,
+    /// `[harden]`: the parameters of `unsee harden` (AdvUnlearn), `None` = its defaults.
+    pub harden: Option<super::harden::HardenParams>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -132,6 +134,7 @@ struct RawSpec {
     null_threshold: Option<Spanned<f64>>,
     augment: Option<Spanned<i64>>,
     filter: Option<bool>,
+    harden: Option<super::harden::HardenParams>,
     #[serde(default)]
     erase: Vec<RawErase>,
 }
@@ -425,6 +428,7 @@ impl Spec {
         if let Some(f) = raw.filter {
             spec.filter = f;
         }
+        spec.harden = raw.harden;
 
         if let Some(t) = &raw.templates {
             (spec.templates, spec.templates_name) = match named_templates(t.get_ref()) {
@@ -488,6 +492,7 @@ impl Spec {
             null_threshold: 0.1,
             augment: 10,
             filter: true,
+            harden: None,
         }
     }
 

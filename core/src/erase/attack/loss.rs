@@ -24,6 +24,9 @@ pub fn leaf<const D: usize>(t: Tensor<D>) -> Tensor<D> {
 
 /// The gradient of `loss` with respect to `leaf` (a fresh graph per call: burn cannot retain one).
 pub fn gradient<const D: usize>(loss: &Tensor<1>, leaf: &Tensor<D>) -> Result<Tensor<D>> {
+    if !loss.is_tracked() {
+        return Err(Error::Internal("the attack's loss does not depend on its variable".into()));
+    }
     let grads = loss.backward();
     leaf.grad(&grads).ok_or_else(|| Error::Internal("the attack's variable received no gradient".into()))
 }

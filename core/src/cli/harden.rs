@@ -1,0 +1,55 @@
+//! `unsee harden`: train a robust erased text encoder on the device (AdvUnlearn) from a spec and write it as a
+//! `text_encoder` folder that `--text-encoder` plugs into any model of the same width.
+
+use std::path::PathBuf;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::{ModelArgs, print_json};
+use unsee::erase::spec::Spec;
+use unsee::error::{Error, Result};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The spec: its concepts, replacements, templates and preserve prompts, and its `[harden]` table.
+    #[arg(long)]
+    spec: PathBuf,
+    /// The `text_encoder` folder to write (must not exist or be empty).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let spec = Spec::from_file(&a.spec)?;
+    if a.out.exists() && std::fs::read_dir(&a.out).map(|mut d| d.next().is_some()).unwrap_or(true) {
+        return Err(Error::InvalidRequest(format!("{} exists and is not empty", a.out.display())));
+    }
+    let mut engine = a.model.open()?;
+    let bar = ProgressBar::new(1);
+    if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} {pos}/{len} [{bar:30}] ETA {eta}") {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    if a.json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let report = engine.harden(&spec, &mut |stage, done, total| {
+        bar.set_message(stage.to_string());
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    }, &|| false)?;
+    bar.finish_and_clear();
+    engine.save_text_encoder(&a.out)?;
+    if a.json {
+        print_json(&report)
+    } else {
+        eprintln!("wrote {} ({} iterations, {:?}; unlearn loss {:.4} → {:.4}, retain {:.4} → {:.4}; {:.0}s + {:.0}s \
+                   for the concept images)", a.out.display(), report.iterations, report.objective,
+                  report.unlearn_loss.0, report.unlearn_loss.1, report.retain_loss.0, report.retain_loss.1,
+                  report.train_s, report.images_s);
+        Ok(())
+    }
+}

@@ -1,0 +1,317 @@
+//! `unsee harden`: a robust erased text encoder, trained on the device — AdvUnlearn (Zhang, Chen, Jia, Zhang, Fan,
+//! Liu, Liu, "Defensive Unlearning with Adversarial Training for Robust Concept Erasure in Diffusion Models",
+//! NeurIPS 2024; code OPTML-Group/AdvUnlearn) in Rust, with burn's autodiff and Adam.
+//!
+//! The text encoder τ_θ (its encoder layers and final layer norm; the embeddings stay frozen, so the result plugs
+//! into any UNet that shares the tokenizer and width) is trained against the frozen UNet ε and the frozen original
+//! encoder τ₀, alternating
+//!
+//! - an **inner attack** (after `warmup` iterations): a continuous prefix δ of `prefix_tokens` embeddings put in
+//!   front of the concept prompt c, `attack_steps` of Adam (or signed-gradient, `sign_attack`) on
+//!   min_δ ‖ε(x_t, t, τ_θ([δ, c])) − ε(x_t, t, τ₀(c))‖² — the prefix that makes the current encoder show the
+//!   concept again;
+//! - an **outer step** on θ: min_θ ‖ε(x_t, t, τ_θ([δ, c])) − y‖² + w · ‖ε(x_t, t, τ_θ(p)) − ε(x_t, t, τ₀(p))‖²,
+//!   with y the spec's replacement r, ε(x_t, t, τ₀(r)) (All-but-One style, the default when the spec names one),
+//!   or ESD's negative guidance ε(x_t, ∅) − η(ε(x_t, c) − ε(x_t, ∅)) (`objective = "esd"`), and p drawn from the
+//!   spec's preserve prompts (the retain set, weight w).
+//!
+//! x_t are the spec's concept prompts drawn by the base model, noised to a uniformly drawn timestep. The training
+//! attack (continuous prefix) is deliberately not the evaluation attack: `unsee attack` judges the result with
+//! typed prompts, textual inversion and compositions.
+
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::optim::{AdamConfig, GradientsParams, Optimizer};
+use burn::tensor::{Distribution, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::attack::loss::{DenoisingLoss, Noised, embed_ids, gradient, leaf, scalar};
+use super::spec::Spec;
+use crate::clip::CLIPTextModel;
+use crate::engine::check_cancelled;
+use crate::error::{Error, Result};
+use crate::load::StableDiffusion;
+use crate::pipeline::{Control, GenerateRequest, Inputs, Target};
+
+/// What the erased prompt is trained towards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Objective {
+    /// ε(x_t, τ₀(replacement)).
+    Replacement,
+    /// ESD: ε(x_t, ∅) − η(ε(x_t, c) − ε(x_t, ∅)).
+    Esd,
+}
+
+/// The `[harden]` table of a spec (defaults: the paper's, except where noted).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HardenParams {
+    pub iterations: usize,
+    /// Iterations without the inner attack first.
+    pub warmup: usize,
+    pub lr: f64,
+    pub attack_steps: usize,
+    pub attack_lr: f64,
+    pub prefix_tokens: usize,
+    /// Signed-gradient inner steps (the paper's `fast_at`) instead of Adam.
+    pub sign_attack: bool,
+    pub retain_weight: f64,
+    /// Preserve prompts per outer step.
+    pub retain_batch: usize,
+    /// Encoder layers trained (empty = all, as AdvUnlearn's `text_encoder_full`); the final layer norm is trained
+    /// with them.
+    pub layers: Vec<usize>,
+    /// `None`: replacement when the spec names one, else ESD.
+    pub objective: Option<Objective>,
+    pub eta: f64,
+    /// Concept images drawn by the base model (the x₀ pool).
+    pub images: usize,
+    /// DDIM steps and guidance of those images.
+    pub image_steps: usize,
+    pub image_guidance: f64,
+    pub seed: u64,
+}
+
+impl Default for HardenParams {
+    fn default() -> Self {
+        Self { iterations: 1000, warmup: 200, lr: 1e-5, attack_steps: 30, attack_lr: 1e-3, prefix_tokens: 1,
+               sign_attack: false, retain_weight: 0.3, retain_batch: 5, layers: vec![], objective: None, eta: 1.0,
+               images: 8, image_steps: 20, image_guidance: 7.5, seed: 0 }
+    }
+}
+
+impl HardenParams {
+    pub fn validate(&self, layers: usize) -> std::result::Result<(), String> {
+        let count = |name: &str, v: usize, lo: usize, hi: usize| {
+            if (lo..=hi).contains(&v) { Ok(()) } else { Err(format!("harden.{name} must be {lo} to {hi} (got {v})")) }
+        };
+        count("iterations", self.iterations, 1, 1_000_000)?;
+        count("warmup", self.warmup, 0, 1_000_000)?;
+        count("attack_steps", self.attack_steps, 0, 1000)?;
+        count("prefix_tokens", self.prefix_tokens, 1, 20)?;
+        count("retain_batch", self.retain_batch, 0, 64)?;
+        count("images", self.images, 1, 10_000)?;
+        count("image_steps", self.image_steps, 1, 1000)?;
+        for (name, v, hi) in [("lr", self.lr, 1.0), ("attack_lr", self.attack_lr, 10.0), ("eta", self.eta, 100.0),
+                              ("retain_weight", self.retain_weight, 1e6), ("image_guidance", self.image_guidance, 100.0)] {
+            let positive = name != "retain_weight" && name != "image_guidance";
+            if !(v.is_finite() && v <= hi && (if positive { v > 0.0 } else { v >= 0.0 })) {
+                return Err(format!("harden.{name} = {v} is out of range"));
+            }
+        }
+        if let Some(l) = self.layers.iter().find(|&&l| l >= layers) {
+            return Err(format!("harden.layers: the text encoder has {layers} layers (0 to {}), not {l}", layers - 1));
+        }
+        Ok(())
+    }
+}
+
+/// What a hardening run did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HardenReport {
+    pub iterations: usize,
+    pub objective: Objective,
+    /// Mean unlearning and retain losses over the first and the last tenth of the iterations.
+    pub unlearn_loss: (f32, f32),
+    pub retain_loss: (f32, f32),
+    pub trained_layers: Vec<usize>,
+    pub images_s: f64,
+    pub train_s: f64,
+}
+
+fn fill(template: &str, concept: &str) -> String {
+    Spec::fill(template, concept)
+}
+
+/// Token embeddings `[1, max_length, d]` of `prompt` with `prefix` (`[1, k, d]`) after BOS (constants but `prefix`).
+fn with_prefix(sd: &StableDiffusion, prompt: &str, prefix: Option<&Tensor<3>>) -> Result<Tensor<3>> {
+    let tok = &sd.tokenizer;
+    let k = prefix.map_or(0, |p| p.dims()[1]);
+    let mut content = tok.content_ids(prompt)?;
+    content.truncate(tok.max_length - 2 - k);
+    content.push(tok.eos);
+    content.resize(tok.max_length - 1 - k, tok.pad);
+    let mut parts = vec![embed_ids(sd, &[tok.bos])];
+    parts.extend(prefix.cloned());
+    parts.push(embed_ids(sd, &content));
+    Ok(Tensor::cat(parts, 1))
+}
+
+/// Trains `sd`'s text encoder as the spec and its `[harden]` table say, against `sd`'s UNet and the original
+/// encoder `sd.text_encoder` (left unchanged); returns the hardened encoder. `progress(done, total)`.
+pub fn harden(sd: &StableDiffusion, spec: &Spec, progress: &mut dyn FnMut(&str, usize, usize),
+              cancelled: &dyn Fn() -> bool) -> Result<(CLIPTextModel, HardenReport)> {
+    let p = spec.harden.clone().unwrap_or_default();
+    let n_layers = sd.text_encoder.text_model.encoder.layers.len();
+    p.validate(n_layers).map_err(Error::InvalidSpec)?;
+    if spec.erase.is_empty() {
+        return Err(Error::InvalidSpec("harden needs at least one [[erase]] concept".into()));
+    }
+    let objective = p.objective.unwrap_or(if spec.erase.iter().all(|e| !e.replace_with.trim().is_empty()) {
+        Objective::Replacement
+    } else {
+        Objective::Esd
+    });
+    if objective == Objective::Replacement && spec.erase.iter().any(|e| e.replace_with.trim().is_empty()) {
+        return Err(Error::InvalidSpec("harden.objective = \"replacement\" needs replace_with on every concept".into()));
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(p.seed);
+    let t_images = Instant::now();
+
+    // The x₀ pool: concept prompts on the spec's templates, drawn by the (frozen) model.
+    let mut pool = vec![];
+    for k in 0..p.images {
+        check_cancelled(cancelled)?;
+        progress("concept images", k, p.images);
+        let item = k % spec.erase.len();
+        let template = &spec.templates[(k / spec.erase.len()) % spec.templates.len()];
+        let req = GenerateRequest { prompt: fill(template, &spec.erase[item].concept), steps: p.image_steps,
+                                    guidance: p.image_guidance, seed: p.seed.wrapping_add(10_000 + k as u64),
+                                    ..Default::default() };
+        let g = sd.generate(&req, Inputs { cancelled: Some(cancelled), ..Default::default() },
+                            &mut |_| Control::Continue, Target::Latents)?;
+        pool.push((item, template.clone(), g.latents));
+    }
+    let images_s = t_images.elapsed().as_secs_f64();
+
+    // The trained copy: an autodiff fork with the embeddings (and the layers not trained) frozen.
+    let trained_layers: Vec<usize> = if p.layers.is_empty() { (0..n_layers).collect() } else { p.layers.clone() };
+    let mut te = sd.text_encoder.clone().fork(&sd.dev().clone().autodiff()).train().set_require_grad(true);
+    te.text_model.embeddings = te.text_model.embeddings.no_grad();
+    for (i, layer) in te.text_model.encoder.layers.iter_mut().enumerate() {
+        if !trained_layers.contains(&i) {
+            *layer = layer.clone().no_grad();
+        }
+    }
+    let mut optim = AdamConfig::new().with_epsilon(1e-8).init();
+    let objective_fn = DenoisingLoss::new(sd)?;
+    let base = &sd.text_encoder;
+    let d = te.hidden_size();
+    let (uncond, _) = sd.encode_prompt("")?;
+    let mse = |a: Tensor<4>, b: Tensor<4>| {
+        let e = (a - b).cast(burn::tensor::DType::F32);
+        (e.clone() * e).mean()
+    };
+    let (mut unlearn_log, mut retain_log) = (vec![], vec![]);
+    let t_train = Instant::now();
+    for it in 0..p.iterations {
+        check_cancelled(cancelled)?;
+        let (item, template, x0) = &pool[rng.random_range(0..pool.len())];
+        let concept = fill(template, &spec.erase[*item].concept);
+        let t = objective_fn.random_timestep(&mut rng);
+        let noised: Noised = objective_fn.noise(x0, t, &mut rng)?;
+        let unet = |ctx: &Tensor<3>| sd.unet.forward(noised.x_t.clone(), t as f64, ctx);
+        // What the concept prompt gives the frozen model, and the training target.
+        let (c0, _) = sd.encode_prompt(&concept)?;
+        let eps_c = unet(&c0).detach();
+        let target = match objective {
+            Objective::Replacement => {
+                let (r0, _) = sd.encode_prompt(&fill(template, &spec.erase[*item].replace_with))?;
+                unet(&r0)
+            }
+            Objective::Esd => {
+                let eps_u = unet(&uncond);
+                eps_u.clone() - (eps_c.clone() - eps_u) * p.eta
+            }
+        }.detach();
+
+        // Inner attack on a plain snapshot of the current encoder: only δ is a leaf.
+        let prefix = if it >= p.warmup && p.attack_steps > 0 {
+            let snapshot = te.valid();
+            let mut delta = Tensor::<3>::random([1, p.prefix_tokens, d], Distribution::Normal(0.0, 0.02), sd.dev())
+                + embed_ids(sd, &[sd.tokenizer.content_ids("a")?.first().copied().unwrap_or(sd.tokenizer.pad)])
+                    .repeat_dim(1, p.prefix_tokens);
+            let adam = AdamConfig::new().with_epsilon(1e-8).build();
+            let mut state = None;
+            for _ in 0..p.attack_steps {
+                let var = leaf(delta.clone());
+                let ctx = snapshot.forward_embeds(with_prefix(sd, &concept, Some(&var))?);
+                let loss = mse(unet(&ctx), eps_c.clone());
+                let g = gradient(&loss, &var)?;
+                if p.sign_attack {
+                    delta = delta - g.sign() * p.attack_lr;
+                } else {
+                    let (next, s) = adam.step(p.attack_lr, delta, g, state);
+                    (delta, state) = (next, s);
+                }
+            }
+            Some(delta.detach().autodiff())
+        } else {
+            None
+        };
+
+        // Outer step on θ.
+        let ctx = te.forward_embeds(with_prefix(sd, &concept, prefix.as_ref())?.autodiff());
+        let unlearn = mse(unet(&ctx), target);
+        let mut loss = unlearn.clone();
+        let mut retain_value = 0.0;
+        if p.retain_batch > 0 && p.retain_weight > 0.0 && !spec.preserve.is_empty() {
+            let mut retain = None;
+            for _ in 0..p.retain_batch {
+                let prompt = fill(template, &spec.preserve[rng.random_range(0..spec.preserve.len())]);
+                let ids = crate::tensor::token_ids(&sd.tokenizer.encode(&prompt)?.ids, sd.dev());
+                let want = unet(&base.forward(ids.clone())).detach();
+                let got = unet(&te.forward_embeds(embed_ids(sd, &sd.tokenizer.encode(&prompt)?.ids).autodiff()));
+                let l = mse(got, want) / p.retain_batch as f64;
+                retain = Some(match retain { None => l, Some(r) => r + l });
+            }
+            if let Some(r) = retain {
+                retain_value = scalar(r.clone())?;
+                loss = loss + r * p.retain_weight;
+            }
+        }
+        let u = scalar(unlearn)?;
+        let total = scalar(loss.clone())?;
+        if !total.is_finite() {
+            return Err(Error::NonFiniteOutput(format!("harden loss at iteration {it}")));
+        }
+        unlearn_log.push(u);
+        retain_log.push(retain_value);
+        if !loss.is_tracked() {
+            return Err(Error::Internal("the hardening loss does not reach the text encoder's weights".into()));
+        }
+        let grads = GradientsParams::from_grads(loss.backward(), &te);
+        te = optim.step(p.lr, te, grads);
+        progress(if it < p.warmup { "hardening (warm-up)" } else { "hardening" }, it + 1, p.iterations);
+    }
+    let hardened = te.valid();
+    // A NaN that the loss did not show (it is checked every step) would still be caught here.
+    for layer in &hardened.text_model.encoder.layers {
+        let w = crate::tensor::to_f32_vec(layer.mlp.fc2.weight.val().sum())?;
+        if w.iter().any(|x| !x.is_finite()) {
+            return Err(Error::NonFiniteOutput("hardened text encoder weights".into()));
+        }
+    }
+    let tenth = (p.iterations / 10).max(1);
+    let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len().max(1) as f32;
+    let ends = |v: &[f32]| (mean(&v[..tenth.min(v.len())]), mean(&v[v.len().saturating_sub(tenth)..]));
+    Ok((hardened, HardenReport {
+        iterations: p.iterations,
+        objective,
+        unlearn_loss: ends(&unlearn_log),
+        retain_loss: ends(&retain_log),
+        trained_layers,
+        images_s,
+        train_s: t_train.elapsed().as_secs_f64(),
+    }))
+}
+
+/// Writes `te` as a diffusers `text_encoder` folder (`config.json` copied from `config`, `model.safetensors` with
+/// transformers' key names), atomically per file; `out` must not exist or be empty.
+pub fn save_text_encoder(te: &CLIPTextModel, config: &std::path::Path, out: &std::path::Path) -> Result<()> {
+    use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, SafetensorsStore};
+    if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
+        return Err(Error::InvalidRequest(format!("{} exists and is not empty", out.display())));
+    }
+    let mut store = SafetensorsStore::from_bytes(None).with_to_adapter(BurnToPyTorchAdapter)
+        .metadata("format", "pt").metadata("unsee", "harden");
+    te.save_into(&mut store).map_err(|e| Error::Internal(format!("serialising the text encoder: {e}")))?;
+    let bytes = store.get_bytes().map_err(|e| Error::Internal(format!("serialising the text encoder: {e}")))?;
+    let config_text = std::fs::read(config).map_err(|e| Error::io(config, e))?;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    crate::weights::write_atomic(&out.join("config.json"), &config_text)?;
+    crate::weights::write_atomic(&out.join("model.safetensors"), &bytes)
+}
