@@ -98,8 +98,8 @@ pub struct Engine {
     base: StableDiffusion,
     model: StableDiffusion,
     applied: Vec<AppliedErasure>,
-    /// The text encoder in use was hardened in this session (`harden`).
-    hardened: bool,
+    /// When the text encoder in use was hardened in this session: the one it was trained from, and the spec.
+    hardened_from: Option<(crate::clip::CLIPTextModel, Spec)>,
     /// What the engine was opened with (the attacks reload the model's own text encoder when it was replaced).
     opts: EngineOptions,
 }
@@ -132,7 +132,7 @@ impl Engine {
                 deltas,
             });
         }
-        Ok(Self { base, model, applied, hardened: false, opts: opts.clone() })
+        Ok(Self { base, model, applied, hardened_from: None, opts: opts.clone() })
     }
 
     /// The model in use (base + erasures).
@@ -219,7 +219,7 @@ impl Engine {
     pub fn attack(&self, spec: &Spec, opts: &AttackOptions, progress: &mut dyn FnMut(&str, usize, usize),
                   cancelled: &dyn Fn() -> bool) -> Result<AttackReport> {
         let replaced = self.opts.text_encoder.is_some();
-        let attacked = if !self.applied.is_empty() || self.hardened || replaced {
+        let attacked = if !self.applied.is_empty() || self.hardened_from.is_some() || replaced {
             self.model.clone()
         } else {
             let mut sd = self.base.clone();
@@ -256,9 +256,17 @@ impl Engine {
     pub fn harden(&mut self, spec: &Spec, progress: &mut dyn FnMut(&str, usize, usize),
                   cancelled: &dyn Fn() -> bool) -> Result<HardenReport> {
         let (te, report) = crate::erase::harden::harden(&self.model, spec, progress, cancelled)?;
-        self.model.text_encoder = te;
-        self.hardened = true;
+        let before = std::mem::replace(&mut self.model.text_encoder, te);
+        self.hardened_from = Some((before, spec.clone()));
         Ok(report)
+    }
+
+    /// Writes the encoder hardened in this session as a compact delta file (what `--text-encoder FILE` loads onto
+    /// the encoder it was trained from).
+    pub fn save_hardened_delta(&self, out: &Path) -> Result<()> {
+        let (from, spec) = self.hardened_from.as_ref()
+            .ok_or_else(|| Error::InvalidRequest("no text encoder was hardened in this session".into()))?;
+        crate::erase::harden::save_delta(from, &self.model.text_encoder, spec, out)
     }
 
     /// Writes the text encoder in use as a diffusers `text_encoder` folder (what `--text-encoder` loads).

@@ -169,6 +169,12 @@ impl StableDiffusion {
             if !te.exists() {
                 return Err(Error::ModelNotFound(te.clone()));
             }
+            // A hardened encoder's delta file (`unsee harden --delta`): applied to the model's own encoder.
+            if crate::erase::harden::is_delta(te) {
+                crate::erase::harden::apply_delta_file(&mut text_encoder, te)?;
+                files.retain(|(c, _)| c != "text_encoder");
+                files.push(("text_encoder".into(), te.clone()));
+            } else
             // A PyTorch checkpoint (AdvUnlearn's encoders are published only as pickles): read without executing
             // it, with the config beside it or, for a bare `.pt`, the model's own text-encoder config.
             if let Some(ckpt) = crate::pickle::text_encoder_checkpoint(te) {

@@ -100,6 +100,12 @@ impl MappedSafetensors {
         self.tensors().tensors().iter().map(|(_, v)| v.shape().iter().product::<usize>()).sum()
     }
 
+    /// The file's `__metadata__`, if any.
+    pub fn metadata(&self) -> Option<HashMap<String, String>> {
+        let (_, header) = SafeTensors::read_metadata(&self.mmap).ok()?;
+        header.metadata().clone()
+    }
+
     /// Storage dtypes present, for `unsee info`.
     pub fn dtypes(&self) -> BTreeMap<String, usize> {
         let mut m = BTreeMap::new();

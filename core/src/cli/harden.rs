@@ -19,6 +19,10 @@ pub struct Args {
     /// The `text_encoder` folder to write (must not exist or be empty).
     #[arg(long)]
     out: PathBuf,
+    /// Also write the compact delta file: only the trained tensors, with the hash of the encoder they apply to
+    /// (`--text-encoder FILE` loads it onto that encoder).
+    #[arg(long)]
+    delta: Option<PathBuf>,
     #[arg(long)]
     json: bool,
 }
@@ -43,6 +47,9 @@ pub fn run(a: Args) -> Result<()> {
     }, &|| false)?;
     bar.finish_and_clear();
     engine.save_text_encoder(&a.out)?;
+    if let Some(d) = &a.delta {
+        engine.save_hardened_delta(d)?;
+    }
     if a.json {
         print_json(&report)
     } else {

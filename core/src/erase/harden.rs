@@ -23,9 +23,10 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
-use burn::tensor::{Distribution, Tensor};
+use burn::tensor::{Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
 
 use super::attack::loss::{DenoisingLoss, Noised, embed_ids, gradient, leaf, scalar};
 use super::spec::Spec;
@@ -221,7 +222,8 @@ pub fn harden(sd: &StableDiffusion, spec: &Spec, progress: &mut dyn FnMut(&str, 
         // Inner attack on a plain snapshot of the current encoder: only δ is a leaf.
         let prefix = if it >= p.warmup && p.attack_steps > 0 {
             let snapshot = te.valid();
-            let mut delta = Tensor::<3>::random([1, p.prefix_tokens, d], Distribution::Normal(0.0, 0.02), sd.dev())
+            let jitter: Vec<f32> = (0..p.prefix_tokens * d).map(|_| 0.02f32 * Distribution::<f32>::sample(&StandardNormal, &mut rng)).collect();
+            let mut delta = Tensor::<3>::from_data(TensorData::new(jitter, [1, p.prefix_tokens, d]), sd.dev())
                 + embed_ids(sd, &[sd.tokenizer.content_ids("a")?.first().copied().unwrap_or(sd.tokenizer.pad)])
                     .repeat_dim(1, p.prefix_tokens);
             let adam = AdamConfig::new().with_epsilon(1e-8).build();
@@ -314,4 +316,121 @@ pub fn save_text_encoder(te: &CLIPTextModel, config: &std::path::Path, out: &std
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     crate::weights::write_atomic(&out.join("config.json"), &config_text)?;
     crate::weights::write_atomic(&out.join("model.safetensors"), &bytes)
+}
+
+/// The format name of a hardened text encoder's delta file.
+pub const DELTA_FORMAT: &str = "unsee-text-encoder-delta";
+const DELTA_VERSION: &str = "1";
+
+fn delta_digest(claims: &[&str], tensors: &[(String, Vec<usize>, Vec<u8>)]) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for claim in [DELTA_FORMAT, DELTA_VERSION].iter().chain(claims) {
+        h.update((claim.len() as u64).to_le_bytes());
+        h.update(claim.as_bytes());
+    }
+    let mut sorted: Vec<&(String, Vec<usize>, Vec<u8>)> = tensors.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, shape, bytes) in sorted {
+        h.update((name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        for &s in shape {
+            h.update((s as u64).to_le_bytes());
+        }
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    }
+    format!("{:x}", h.finalize())
+}
+
+/// The parameters of `m` as (name in the module, shape, f32 values), in burn's layout.
+fn parameters(m: &CLIPTextModel) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+    use burn::store::ModuleSnapshot;
+    m.collect(None, None, true).iter().map(|t| {
+        let data = burn::store::bridge::to_data(t).map_err(|e| Error::Internal(format!("{}: {e:?}", t.name.clone())))?;
+        let shape = data.shape().to_vec();
+        let v = data.convert::<f32>().try_to_vec::<f32>().map_err(|e| Error::Internal(format!("{e:?}")))?;
+        Ok((t.name.clone(), shape, v))
+    }).collect()
+}
+
+/// Writes the compact form of a hardened encoder: only the tensors that differ from `base` (the trained layers; the
+/// frozen embeddings are not repeated), f32 in the module's own layout and names, with the hash of the encoder it
+/// was trained from and of the result, the spec, and a digest over all of it. Loaded with `--text-encoder FILE`
+/// onto the same base encoder only.
+pub fn save_delta(base: &CLIPTextModel, hardened: &CLIPTextModel, spec: &Spec, path: &std::path::Path) -> Result<()> {
+    use crate::erase::matrices::text_encoder_hash_of;
+    let before: std::collections::HashMap<String, Vec<f32>> =
+        parameters(base)?.into_iter().map(|(n, _, v)| (n, v)).collect();
+    let mut tensors = vec![];
+    for (name, shape, v) in parameters(hardened)? {
+        if before.get(&name) != Some(&v) {
+            tensors.push(crate::weights::OwnedTensor::f32(name, shape, &v));
+        }
+    }
+    if tensors.is_empty() {
+        return Err(Error::InvalidRequest("the hardened encoder equals its base: nothing to write".into()));
+    }
+    let claims = [text_encoder_hash_of(base), text_encoder_hash_of(hardened),
+                  serde_json::to_string(spec).map_err(|e| Error::Internal(e.to_string()))?];
+    let raw: Vec<(String, Vec<usize>, Vec<u8>)> =
+        tensors.iter().map(|t| (t.name.clone(), t.shape.clone(), t.bytes.clone())).collect();
+    let digest = delta_digest(&claims.iter().map(String::as_str).collect::<Vec<_>>(), &raw);
+    let meta = std::collections::HashMap::from([
+        ("format".to_string(), DELTA_FORMAT.to_string()),
+        ("version".to_string(), DELTA_VERSION.to_string()),
+        ("base_text_encoder_hash".to_string(), claims[0].clone()),
+        ("text_encoder_hash".to_string(), claims[1].clone()),
+        ("spec".to_string(), claims[2].clone()),
+        ("sha256".to_string(), digest),
+    ]);
+    crate::weights::write_safetensors(path, &tensors, Some(meta))
+}
+
+/// Whether `path` is a hardened encoder's delta file.
+pub fn is_delta(path: &std::path::Path) -> bool {
+    path.is_file() && crate::weights::MappedSafetensors::open(path).ok()
+        .and_then(|m| m.metadata().and_then(|meta| meta.get("format").cloned()))
+        .is_some_and(|f| f == DELTA_FORMAT)
+}
+
+/// Applies a delta file to `te` (the encoder it was trained from: refused otherwise), checking its digest and
+/// that the result is the encoder it describes. `te` is unchanged on error.
+pub fn apply_delta_file(te: &mut CLIPTextModel, path: &std::path::Path) -> Result<()> {
+    use burn::store::{ModuleSnapshot, SafetensorsStore};
+    use crate::erase::matrices::text_encoder_hash_of;
+    let bad = |m: String| Error::InvalidErasureFile { file: path.to_path_buf(), message: m };
+    let mapped = crate::weights::MappedSafetensors::open(path)?;
+    let meta = mapped.metadata().ok_or_else(|| bad("no metadata".into()))?;
+    let text = |k: &str| meta.get(k).cloned().ok_or_else(|| bad(format!("metadata has no {k}")));
+    if text("format")? != DELTA_FORMAT || text("version")? != DELTA_VERSION {
+        return Err(bad(format!("not a version-{DELTA_VERSION} {DELTA_FORMAT} file")));
+    }
+    let st = mapped.tensors();
+    let mut raw = vec![];
+    for (name, view) in st.tensors() {
+        if view.dtype() != safetensors::Dtype::F32 {
+            return Err(bad(format!("{name} is {:?}, not F32", view.dtype())));
+        }
+        raw.push((name, view.shape().to_vec(), view.data().to_vec()));
+    }
+    let claims = [text("base_text_encoder_hash")?, text("text_encoder_hash")?, text("spec")?];
+    if delta_digest(&claims.iter().map(String::as_str).collect::<Vec<_>>(), &raw) != text("sha256")? {
+        return Err(bad("sha256 does not match its claims and tensors (altered after it was written)".into()));
+    }
+    if text_encoder_hash_of(te) != claims[0] {
+        return Err(Error::ErasureMismatch { file: path.to_path_buf(),
+                                            message: "this hardened encoder was trained from another text encoder".into() });
+    }
+    let mut candidate = te.clone();
+    let mut store = SafetensorsStore::from_bytes(Some(mapped.bytes().to_vec())).allow_partial(true).validate(true);
+    let result = candidate.load_from(&mut store).map_err(|e| bad(e.to_string()))?;
+    if !result.errors.is_empty() || !result.unused.is_empty() {
+        return Err(bad(format!("tensors that do not fit the encoder: {:?} {:?}", result.errors, result.unused)));
+    }
+    if text_encoder_hash_of(&candidate) != claims[1] {
+        return Err(bad("the encoder after applying it is not the one it describes".into()));
+    }
+    *te = candidate;
+    Ok(())
 }

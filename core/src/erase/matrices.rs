@@ -161,8 +161,13 @@ pub fn hash_matrix(w: &M) -> String {
 
 /// Hash of every text-encoder parameter (module order).
 pub fn text_encoder_hash(sd: &StableDiffusion) -> String {
+    text_encoder_hash_of(&sd.text_encoder)
+}
+
+/// [`text_encoder_hash`] of one encoder.
+pub fn text_encoder_hash_of(te: &crate::clip::CLIPTextModel) -> String {
     use burn::store::ModuleSnapshot;
-    let tensors = sd.text_encoder.collect(None, None, true);
+    let tensors = te.collect(None, None, true);
     let mut all = Vec::new();
     for t in &tensors {
         if let Ok(data) = burn::store::bridge::to_data(t)
