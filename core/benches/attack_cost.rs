@@ -4,7 +4,10 @@
 //!
 //! - attack iteration = text encoder forward on token embeddings with a prefix leaf + UNet forward + backward to
 //!   the leaf (what UnlearnDiffAtk and textual inversion do per step, [`unsee::erase::attack`]);
-//! - peak RSS after the iteration (the backward keeps every activation).
+//! - harden outer step = the same through a text encoder whose weights are autodiff parameters, plus burn-optim's
+//!   Adam step on them (what `unsee harden` does once per iteration, after its `attack_steps` inner attack
+//!   iterations);
+//! - peak RSS after both (the backward keeps every activation).
 //!
 //! ```text
 //! cargo bench --bench attack_cost          # UNSEE_ATTACK_SIZES (default "256"; "256,512"), UNSEE_ATTACK_REPEATS (2)
@@ -15,6 +18,7 @@ use std::time::Instant;
 use burn::tensor::{Distribution, Tensor};
 use unsee::clip::{CLIPTextModel, ClipTextConfig};
 use unsee::device::{DeviceChoice, select};
+use burn::module::Module;
 use unsee::erase::attack::loss::{gradient, leaf};
 use unsee::unet::{UNet2DConditionModel, UNetConfig};
 use unsee::weights::Precision;
@@ -48,8 +52,12 @@ fn main() {
     let sizes: Vec<usize> = std::env::var("UNSEE_ATTACK_SIZES").unwrap_or_else(|_| "256".into())
         .split(',').map(|s| s.trim().parse().expect("UNSEE_ATTACK_SIZES: pixel sizes")).collect();
     println!("full-size SD-1.5 (random weights), CPU f32, batch 1, {repeats} repeats (median)\n");
-    println!("| image | UNet forward s | attack iteration (TE + UNet forward + backward) s | ratio | peak RSS MiB |");
-    println!("|---|---|---|---|---|");
+    println!("| image | UNet forward s | attack iteration (TE + UNet forward + backward) s | ratio | harden outer step s \
+              | ratio | peak RSS MiB |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut trained = te.clone().fork(&d.clone().autodiff()).train().set_require_grad(true);
+    trained.text_model.embeddings = trained.text_model.embeddings.no_grad();
+    let mut optim = burn::optim::AdamConfig::new().init();
     let hidden = tcfg.hidden_size;
     for size in sizes {
         let lat = size / 8;
@@ -57,7 +65,7 @@ fn main() {
         let tokens = Tensor::<3>::random([1, 72, hidden], Distribution::Normal(0.0, 0.02), d);
         let prefix0 = Tensor::<3>::random([1, 5, hidden], Distribution::Normal(0.0, 0.02), d);
         let ctx = te.forward_embeds(Tensor::cat(vec![prefix0.clone(), tokens.clone()], 1));
-        let (mut fwd, mut it) = (vec![], vec![]);
+        let (mut fwd, mut it, mut outer) = (vec![], vec![], vec![]);
         for _ in 0..repeats {
             let t = Instant::now();
             let out = unet.forward(x.clone(), 500.0, &ctx);
@@ -72,8 +80,16 @@ fn main() {
             let g = gradient(&loss, &p).unwrap();
             unsee::tensor::to_f32_vec(g.sum()).unwrap();
             it.push(t.elapsed().as_secs_f64());
+
+            let t = Instant::now();
+            let c = trained.forward_embeds(Tensor::cat(vec![prefix0.clone(), tokens.clone()], 1).autodiff());
+            let e = unet.forward(x.clone(), 500.0, &c) - x.clone();
+            let loss = (e.clone() * e).mean();
+            let grads = burn::optim::GradientsParams::from_grads(loss.backward(), &trained);
+            trained = optim.step(1e-5, trained, grads);
+            outer.push(t.elapsed().as_secs_f64());
         }
-        let (f, i) = (median(fwd), median(it));
-        println!("| {size}² | {f:.2} | {i:.2} | {:.2}× | {:.0} |", i / f, peak_rss_mib());
+        let (f, i, o) = (median(fwd), median(it), median(outer));
+        println!("| {size}² | {f:.2} | {i:.2} | {:.2}× | {o:.2} | {:.2}× | {:.0} |", i / f, o / f, peak_rss_mib());
     }
 }

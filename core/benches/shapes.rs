@@ -20,6 +20,10 @@
 //!    UNSEE_SHAPES_ATTACK_TIMESTEPS × UNSEE_SHAPES_ATTACK_ITERATIONS, default 10 × 20, 5 prefix tokens), a control
 //!    with random prefixes, and textual inversion (UNSEE_SHAPES_INVERSION_STEPS, default 300, on 8 target images,
 //!    judged on the same number of generations); "" skips the table.
+//!
+//! Hardened text encoders (issue #13): UNSEE_SHAPES_HARDENED="0=FILE,1=FILE" (erasure index = a `text_encoder`
+//! folder or delta file from `unsee harden`) adds rows "harden" (the encoder swapped in) and "harden + uce" (UCE
+//! computed on top, with that encoder) to both tables.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -28,8 +32,27 @@ use unsee::device::{DeviceChoice, select};
 use unsee::erase::spec::Method;
 use unsee::load::{LoadOptions, StableDiffusion};
 use unsee::shapes::Readout;
-use unsee::shapes::eval::{AttackBudget, AttackRow, Erasure, Measure, Row, Settings, attack_row, baseline, measure,
-                          quality};
+use unsee::shapes::eval::{AttackBudget, AttackRow, Erasure, Measure, Row, Settings, attack_model_row, attack_row,
+                          baseline, measure, measure_model, quality};
+
+/// The hardened variants of erasure `i` named in UNSEE_SHAPES_HARDENED: ("harden", model), ("harden + uce", model).
+fn hardened(base: &StableDiffusion, model: &std::path::Path, erasure: &Erasure, i: usize) -> Vec<(String, StableDiffusion)> {
+    let Ok(list) = std::env::var("UNSEE_SHAPES_HARDENED") else { return vec![] };
+    let mut out = vec![];
+    for entry in list.split(',').filter(|e| !e.is_empty()) {
+        let (k, path) = entry.split_once('=').expect("UNSEE_SHAPES_HARDENED: i=FILE,…");
+        if k.parse::<usize>().expect("UNSEE_SHAPES_HARDENED: erasure index") != i {
+            continue;
+        }
+        let opts = LoadOptions { text_encoder: Some(PathBuf::from(path)), ..LoadOptions::default() };
+        let h = StableDiffusion::load(model, base.device.clone(), &opts).unwrap();
+        let mut hu = h.clone();
+        unsee::erase::erase(&mut hu, &erasure.spec(Method::Uce).unwrap()).unwrap();
+        out.push(("harden".to_string(), h));
+        out.push(("harden + uce".to_string(), hu));
+    }
+    out
+}
 use unsee::weights::Precision;
 
 fn env<T: std::str::FromStr>(k: &str, d: T) -> T {
@@ -73,7 +96,7 @@ fn main() {
         .map(|m| m.parse().unwrap_or_else(|e| panic!("UNSEE_SHAPES_METHODS: {e}")))
         .collect();
     if !methods.is_empty() && env("UNSEE_SHAPES_TABLE", 1) != 0 {
-        erasure_table(&base, &s, &methods);
+        erasure_table(&base, &model, &s, &methods);
     }
 
     // 3. Attacks.
@@ -97,7 +120,16 @@ fn main() {
     println!("{}", AttackRow::HEADER);
     let standard = Erasure::standard();
     for i in std::env::var("UNSEE_SHAPES_ATTACK_ERASURES").unwrap_or_else(|_| "0,1".into()).split(',') {
-        let erasure = &standard[i.parse::<usize>().expect("UNSEE_SHAPES_ATTACK_ERASURES: indices 0-2")];
+        let i = i.parse::<usize>().expect("UNSEE_SHAPES_ATTACK_ERASURES: indices 0-2");
+        let erasure = &standard[i];
+        for (name, sd) in hardened(&base, &model, erasure, i) {
+            let t = Instant::now();
+            match attack_model_row(&base, erasure, &sd, &name, &s, &budget) {
+                Ok(row) => println!("{}", row.markdown()),
+                Err(e) => println!("| {} | {name} | error: {e} | | | | | |", erasure.name),
+            }
+            eprintln!("attacks on {} / {name}: {:.0}s", erasure.name, t.elapsed().as_secs_f64());
+        }
         for method in &attack_methods {
             let t = Instant::now();
             match attack_row(&base, erasure, *method, &s, &budget) {
@@ -109,12 +141,20 @@ fn main() {
     }
 }
 
-fn erasure_table(base: &StableDiffusion, s: &Settings, methods: &[Method]) {
+fn erasure_table(base: &StableDiffusion, model: &std::path::Path, s: &Settings, methods: &[Method]) {
     let (base, s) = (base, *s);
     println!("{}", Row::HEADER);
     let what = Measure { specificity: true, attacks: true };
-    for erasure in Erasure::standard() {
+    for (i, erasure) in Erasure::standard().into_iter().enumerate() {
         let base_line = baseline(base, &erasure, &s, what).unwrap();
+        for (name, sd) in hardened(base, model, &erasure, i) {
+            let t = Instant::now();
+            match measure_model(base, &erasure, &sd, &name, &s, &base_line, what) {
+                Ok(row) => println!("{}", row.markdown()),
+                Err(e) => println!("| {} | {name} | error: {e} | | | | | |", erasure.name),
+            }
+            eprintln!("{} / {name}: {:.0}s", erasure.name, t.elapsed().as_secs_f64());
+        }
         for method in methods {
             let t = Instant::now();
             match measure(base, &erasure, *method, &s, &base_line, what) {

@@ -329,6 +329,13 @@ pub fn measure(base: &StableDiffusion, erasure: &Erasure, method: Method, s: &Se
     let spec = erasure.spec(method)?;
     let mut sd = base.clone();
     crate::erase::erase(&mut sd, &spec)?;
+    measure_model(base, erasure, &sd, method.name(), s, base_line, what)
+}
+
+/// [`measure`] for an already erased model `sd` (a hardened text encoder, say), named `name` in the table.
+pub fn measure_model(base: &StableDiffusion, erasure: &Erasure, sd: &StableDiffusion, name: &str, s: &Settings,
+                     base_line: &Baseline, what: Measure) -> Result<Row> {
+    let sd = sd.clone();
     let (mut still, mut replaced) = (Share::default(), Share::default());
     for (k, (pair, repl)) in erasure.items.iter().enumerate() {
         for found in read_pair(&sd, s, *pair, 100 + k)? {
@@ -364,7 +371,7 @@ pub fn measure(base: &StableDiffusion, erasure: &Erasure, method: Method, s: &Se
         }
         attacks.push(AttackResult { attack: "embedding", base: base_line.concept, erased: attack.map(|_| e) });
     }
-    Ok(Row { erasure: erasure.name.clone(), method: method.name().to_string(), still, replaced,
+    Ok(Row { erasure: erasure.name.clone(), method: name.to_string(), still, replaced,
              before: base_line.others.clone(), after, attacks })
 }
 
@@ -411,13 +418,20 @@ impl AttackRow {
 /// the optimised-prompt attack, random prefixes (control) and textual inversion, judged by the oracle.
 pub fn attack_row(base: &StableDiffusion, erasure: &Erasure, method: Option<Method>, s: &Settings, b: &AttackBudget)
     -> Result<AttackRow> {
+    let mut sd = base.clone();
+    if let Some(m) = method {
+        crate::erase::erase(&mut sd, &erasure.spec(m)?)?;
+    }
+    attack_model_row(base, erasure, &sd, &method.map_or("none (base model)".to_string(), |m| m.name().to_string()), s, b)
+}
+
+/// [`attack_row`] for an already erased model `sd`, named `name` in the table.
+pub fn attack_model_row(base: &StableDiffusion, erasure: &Erasure, sd: &StableDiffusion, name: &str, s: &Settings,
+                        b: &AttackBudget) -> Result<AttackRow> {
     use crate::erase::attack::{AttackMethod, AttackOptions, run};
     use rand::{Rng, SeedableRng};
-    let spec = erasure.spec(method.unwrap_or(Method::Uce))?;
-    let mut sd = base.clone();
-    if method.is_some() {
-        crate::erase::erase(&mut sd, &spec)?;
-    }
+    let spec = erasure.spec(Method::Uce)?;
+    let sd = sd.clone();
     let judge = |c: usize, rgba: &[u8], w: usize, h: usize| erasure.shows(&super::analyse(rgba, w, h, 4), erasure.items[c].0);
     let mut o = AttackOptions::new(AttackMethod::Prompt, HELD_OUT_TEMPLATES.iter().map(|t| t.to_string()).collect());
     (o.runs, o.steps, o.guidance, o.rewrite) = (b.runs, s.steps, s.guidance, Some(super::article as fn(&str) -> String));
@@ -459,7 +473,7 @@ pub fn attack_row(base: &StableDiffusion, erasure: &Erasure, method: Option<Meth
     let inversion = run(base, &sd, &spec, &o, Some(&judge), &mut |_, _, _| {}, &never)?;
     Ok(AttackRow {
         erasure: erasure.name.clone(),
-        method: method.map_or("none (base model)".to_string(), |m| m.name().to_string()),
+        method: name.to_string(),
         prompt: share(prompt.hits.unwrap_or(0), prompt.of),
         prompt_plain: share(plain, prompt.of),
         prompt_s_per_run: prompt.runs.iter().map(|r| r.seconds).sum::<f64>() / prompt.of.max(1) as f64,
