@@ -10,7 +10,7 @@
 //! - peak RSS after both (the backward keeps every activation).
 //!
 //! ```text
-//! cargo bench --bench attack_cost          # UNSEE_ATTACK_SIZES (default "256"; "256,512"), UNSEE_ATTACK_REPEATS (2)
+//! cargo bench --bench attack_cost          # UNSEE_ATTACK_SIZES (default "256"; "256,512"), UNSEE_ATTACK_REPEATS (3)
 //! ```
 
 use std::time::Instant;
@@ -48,7 +48,7 @@ fn main() {
     let ucfg: UNetConfig = unsee::model::read_config(&root, "unet", "config.json").unwrap();
     let te = CLIPTextModel::new(&tcfg, d).unwrap();
     let unet = UNet2DConditionModel::new(&ucfg, d).unwrap();
-    let repeats: usize = std::env::var("UNSEE_ATTACK_REPEATS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+    let repeats: usize = std::env::var("UNSEE_ATTACK_REPEATS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
     let sizes: Vec<usize> = std::env::var("UNSEE_ATTACK_SIZES").unwrap_or_else(|_| "256".into())
         .split(',').map(|s| s.trim().parse().expect("UNSEE_ATTACK_SIZES: pixel sizes")).collect();
     println!("full-size SD-1.5 (random weights), CPU f32, batch 1, {repeats} repeats (median)\n");
@@ -65,6 +65,8 @@ fn main() {
         let tokens = Tensor::<3>::random([1, 72, hidden], Distribution::Normal(0.0, 0.02), d);
         let prefix0 = Tensor::<3>::random([1, 5, hidden], Distribution::Normal(0.0, 0.02), d);
         let ctx = te.forward_embeds(Tensor::cat(vec![prefix0.clone(), tokens.clone()], 1));
+        // Warm-up: burn initialises the random parameters lazily, at their first use.
+        unsee::tensor::to_f32_vec(unet.forward(x.clone(), 500.0, &ctx).sum()).unwrap();
         let (mut fwd, mut it, mut outer) = (vec![], vec![], vec![]);
         for _ in 0..repeats {
             let t = Instant::now();

@@ -44,7 +44,9 @@ fn hardened(base: &StableDiffusion, model: &std::path::Path, erasure: &Erasure, 
         if k.parse::<usize>().expect("UNSEE_SHAPES_HARDENED: erasure index") != i {
             continue;
         }
-        let opts = LoadOptions { text_encoder: Some(PathBuf::from(path)), ..LoadOptions::default() };
+        // `cargo bench` runs in core/: a relative path is taken from the repository root.
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(path);
+        let opts = LoadOptions { text_encoder: Some(path), ..LoadOptions::default() };
         let h = StableDiffusion::load(model, base.device.clone(), &opts).unwrap();
         let mut hu = h.clone();
         unsee::erase::erase(&mut hu, &erasure.spec(Method::Uce).unwrap()).unwrap();
