@@ -503,10 +503,13 @@ fn attack_audit_and_convert_from_the_cli() {
         .arg(model_dir("tiny").join("text_encoder")).arg(&ck).status().unwrap();
     assert!(status.success());
     let te = d.join("te");
+    let delta = d.join("te-delta.safetensors");
     let o = unsee(&["convert", "--device", "cpu", "--checkpoint", ck.join("hf").to_str().unwrap(),
-                    "--out", te.to_str().unwrap()]);
+                    "--out", te.to_str().unwrap(), "--delta", delta.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(te.join("model.safetensors").is_file() && te.join("config.json").is_file());
+    let o = unsee(&["info", "--device", "cpu", "--text-encoder", delta.to_str().unwrap()]);
+    assert!(o.status.success(), "the fp16 delta loads: {}", stderr(&o));
     fails_with(&["convert", "--checkpoint", ck.join("evil-system.pt").to_str().unwrap(),
                  "--out", d.join("evil").to_str().unwrap()], "system");
     assert!(!d.join("evil").exists(), "nothing is written for a refused checkpoint");

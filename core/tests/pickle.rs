@@ -58,6 +58,20 @@ fn convert_writes_a_text_encoder_folder() {
     assert_eq!(hidden(&load_with(&out).unwrap()), hidden(&load_with(&dir.join("expected/text_encoder")).unwrap()));
     let again = unsee::pickle::convert_text_encoder(&dir.join("hf"), &model_dir("tiny"), &out).unwrap_err();
     assert!(again.to_string().contains("exists"), "{again}");
+
+    // The fp16 delta against the model's own encoder: only the changed tensor, loads close to the f32 result.
+    let own = StableDiffusion::load(&model_dir("tiny"), select(DeviceChoice::Cpu, Precision::F32).unwrap(),
+                                    &LoadOptions::default()).unwrap();
+    let full = load_with(&out).unwrap();
+    let delta = dir.join("delta.safetensors");
+    unsee::erase::harden::write_delta(&own.text_encoder, &full.text_encoder, "test", true, &delta).unwrap();
+    let st = std::fs::read(&delta).unwrap();
+    let names = safetensors::SafeTensors::deserialize(&st).unwrap().names().iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert_eq!(names, vec!["text_model.final_layer_norm.beta".to_string()], "only the changed tensor");
+    let (a, b) = (hidden(&load_with(&delta).unwrap()), hidden(&full));
+    let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    assert!(worst < 1e-3, "fp16 delta differs by {worst}");
+    assert_ne!(a, hidden(&own), "the delta was applied");
 }
 
 #[test]

@@ -18,6 +18,10 @@ pub struct Args {
     /// The `text_encoder` folder to write (`config.json` + `model.safetensors`); must not exist.
     #[arg(long)]
     out: PathBuf,
+    /// Also write an fp16 delta against the model's own text encoder (only the tensors that differ: AdvUnlearn
+    /// freezes the embeddings), which `--text-encoder FILE` applies to that encoder and refuses on any other.
+    #[arg(long)]
+    delta: Option<PathBuf>,
     #[arg(long)]
     json: bool,
 }
@@ -28,7 +32,12 @@ pub fn run(a: Args) -> Result<()> {
     // The check: the converted folder plugs into the model.
     let mut check = a.model.base();
     check.set_text_encoder(a.out.clone());
-    check.open()?;
+    let converted = check.open()?;
+    if let Some(d) = &a.delta {
+        let own = a.model.base().open()?;
+        let about = format!("converted from {}", written.source.display());
+        unsee::erase::harden::write_delta(&own.model().text_encoder, &converted.model().text_encoder, &about, true, d)?;
+    }
     if a.json {
         print_json(&written)
     } else {

@@ -359,22 +359,47 @@ fn parameters(m: &CLIPTextModel) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> 
 /// was trained from and of the result, the spec, and a digest over all of it. Loaded with `--text-encoder FILE`
 /// onto the same base encoder only.
 pub fn save_delta(base: &CLIPTextModel, hardened: &CLIPTextModel, spec: &Spec, path: &std::path::Path) -> Result<()> {
+    let spec = serde_json::to_string(spec).map_err(|e| Error::Internal(e.to_string()))?;
+    write_delta(base, hardened, &spec, false, path)
+}
+
+/// The delta of any encoder `target` against `base` (same format as [`save_delta`]); `f16` stores the tensors in
+/// half precision (the result hash is then that of `base` with the rounded tensors, what loading gives).
+/// `about` is recorded as the file's `spec` claim.
+pub fn write_delta(base: &CLIPTextModel, target: &CLIPTextModel, about: &str, f16: bool, path: &std::path::Path)
+    -> Result<()> {
     use crate::erase::matrices::text_encoder_hash_of;
     let before: std::collections::HashMap<String, Vec<f32>> =
         parameters(base)?.into_iter().map(|(n, _, v)| (n, v)).collect();
     let mut tensors = vec![];
-    for (name, shape, v) in parameters(hardened)? {
+    for (name, shape, v) in parameters(target)? {
         if before.get(&name) != Some(&v) {
-            tensors.push(crate::weights::OwnedTensor::f32(name, shape, &v));
+            let mut t = crate::weights::OwnedTensor::f32(name, shape, &v);
+            if f16 {
+                t.dtype = safetensors::Dtype::F16;
+                t.bytes = v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect();
+            }
+            tensors.push(t);
         }
     }
     if tensors.is_empty() {
-        return Err(Error::InvalidRequest("the hardened encoder equals its base: nothing to write".into()));
+        return Err(Error::InvalidRequest("the encoder equals its base: nothing to write".into()));
     }
-    let claims = [text_encoder_hash_of(base), text_encoder_hash_of(hardened),
-                  serde_json::to_string(spec).map_err(|e| Error::Internal(e.to_string()))?];
     let raw: Vec<(String, Vec<usize>, Vec<u8>)> =
         tensors.iter().map(|t| (t.name.clone(), t.shape.clone(), t.bytes.clone())).collect();
+    // The encoder the file gives back (rounded when f16).
+    let result = if f16 {
+        let views = tensors.iter()
+            .map(|t| safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.bytes).map(|v| (t.name.clone(), v)))
+            .collect::<std::result::Result<Vec<_>, _>>().map_err(|e| Error::Internal(e.to_string()))?;
+        let bytes = safetensors::serialize(views, None).map_err(|e| Error::Internal(e.to_string()))?;
+        let mut candidate = base.clone();
+        apply_tensors(&mut candidate, bytes, path)?;
+        text_encoder_hash_of(&candidate)
+    } else {
+        text_encoder_hash_of(target)
+    };
+    let claims = [text_encoder_hash_of(base), result, about.to_string()];
     let digest = delta_digest(&claims.iter().map(String::as_str).collect::<Vec<_>>(), &raw);
     let meta = std::collections::HashMap::from([
         ("format".to_string(), DELTA_FORMAT.to_string()),
@@ -387,6 +412,20 @@ pub fn save_delta(base: &CLIPTextModel, hardened: &CLIPTextModel, spec: &Spec, p
     crate::weights::write_safetensors(path, &tensors, Some(meta))
 }
 
+/// Loads safetensors `bytes` (module names, any float dtype) into `te`, cast to its dtype; every tensor must fit.
+fn apply_tensors(te: &mut CLIPTextModel, bytes: Vec<u8>, path: &std::path::Path) -> Result<()> {
+    use burn::store::{FloatCastAdapter, ModuleSnapshot, SafetensorsStore};
+    let bad = |m: String| Error::InvalidErasureFile { file: path.to_path_buf(), message: m };
+    let dtype = te.token_embeddings().dtype();
+    let mut store = SafetensorsStore::from_bytes(Some(bytes)).with_from_adapter(FloatCastAdapter::to(dtype))
+        .allow_partial(true).validate(true);
+    let result = te.load_from(&mut store).map_err(|e| bad(e.to_string()))?;
+    if !result.errors.is_empty() || !result.unused.is_empty() {
+        return Err(bad(format!("tensors that do not fit the encoder: {:?} {:?}", result.errors, result.unused)));
+    }
+    Ok(())
+}
+
 /// Whether `path` is a hardened encoder's delta file.
 pub fn is_delta(path: &std::path::Path) -> bool {
     path.is_file() && crate::weights::MappedSafetensors::open(path).ok()
@@ -397,7 +436,6 @@ pub fn is_delta(path: &std::path::Path) -> bool {
 /// Applies a delta file to `te` (the encoder it was trained from: refused otherwise), checking its digest and
 /// that the result is the encoder it describes. `te` is unchanged on error.
 pub fn apply_delta_file(te: &mut CLIPTextModel, path: &std::path::Path) -> Result<()> {
-    use burn::store::{ModuleSnapshot, SafetensorsStore};
     use crate::erase::matrices::text_encoder_hash_of;
     let bad = |m: String| Error::InvalidErasureFile { file: path.to_path_buf(), message: m };
     let mapped = crate::weights::MappedSafetensors::open(path)?;
@@ -409,8 +447,8 @@ pub fn apply_delta_file(te: &mut CLIPTextModel, path: &std::path::Path) -> Resul
     let st = mapped.tensors();
     let mut raw = vec![];
     for (name, view) in st.tensors() {
-        if view.dtype() != safetensors::Dtype::F32 {
-            return Err(bad(format!("{name} is {:?}, not F32", view.dtype())));
+        if !matches!(view.dtype(), safetensors::Dtype::F32 | safetensors::Dtype::F16) {
+            return Err(bad(format!("{name} is {:?}, not F32 or F16", view.dtype())));
         }
         raw.push((name, view.shape().to_vec(), view.data().to_vec()));
     }
@@ -420,14 +458,10 @@ pub fn apply_delta_file(te: &mut CLIPTextModel, path: &std::path::Path) -> Resul
     }
     if text_encoder_hash_of(te) != claims[0] {
         return Err(Error::ErasureMismatch { file: path.to_path_buf(),
-                                            message: "this hardened encoder was trained from another text encoder".into() });
+                                            message: "this delta was made from another text encoder".into() });
     }
     let mut candidate = te.clone();
-    let mut store = SafetensorsStore::from_bytes(Some(mapped.bytes().to_vec())).allow_partial(true).validate(true);
-    let result = candidate.load_from(&mut store).map_err(|e| bad(e.to_string()))?;
-    if !result.errors.is_empty() || !result.unused.is_empty() {
-        return Err(bad(format!("tensors that do not fit the encoder: {:?} {:?}", result.errors, result.unused)));
-    }
+    apply_tensors(&mut candidate, mapped.bytes().to_vec(), path)?;
     if text_encoder_hash_of(&candidate) != claims[1] {
         return Err(bad("the encoder after applying it is not the one it describes".into()));
     }
