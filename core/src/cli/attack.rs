@@ -3,9 +3,7 @@
 
 use std::path::PathBuf;
 
-use indicatif::{ProgressBar, ProgressStyle};
-
-use super::{ModelArgs, print_json, rgba_image, save_png};
+use super::{ModelArgs, print_json, rgba_image, save_png, show_stage, stage_bar};
 use unsee::erase::attack::{AttackMethod, AttackOptions};
 use unsee::erase::spec::Spec;
 use unsee::error::{Error, Result};
@@ -85,18 +83,8 @@ pub fn run(a: Args) -> Result<()> {
     AttackOptions { templates: vec!["{}".into()], ..opts.clone() }.validate()?;
 
     let engine = a.model.open()?;
-    let bar = ProgressBar::new(1);
-    if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} {pos}/{len} [{bar:30}] ETA {eta}") {
-        bar.set_style(style.progress_chars("=> "));
-    }
-    if a.json {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    let report = engine.attack(&spec, &opts, &mut |stage, done, total| {
-        bar.set_message(stage.to_string());
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-    }, &|| false)?;
+    let bar = stage_bar(a.json);
+    let report = engine.attack(&spec, &opts, &mut |stage, done, total| show_stage(&bar, stage, done, total), &|| false)?;
     bar.finish_and_clear();
     if let Some(dir) = &a.out {
         for (i, r) in report.runs.iter().enumerate() {

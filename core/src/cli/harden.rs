@@ -3,9 +3,7 @@
 
 use std::path::PathBuf;
 
-use indicatif::{ProgressBar, ProgressStyle};
-
-use super::{ModelArgs, print_json};
+use super::{ModelArgs, print_json, show_stage, stage_bar};
 use unsee::erase::spec::Spec;
 use unsee::error::{Error, Result};
 
@@ -33,18 +31,8 @@ pub fn run(a: Args) -> Result<()> {
         return Err(Error::InvalidRequest(format!("{} exists and is not empty", a.out.display())));
     }
     let mut engine = a.model.open()?;
-    let bar = ProgressBar::new(1);
-    if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} {pos}/{len} [{bar:30}] ETA {eta}") {
-        bar.set_style(style.progress_chars("=> "));
-    }
-    if a.json {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    let report = engine.harden(&spec, &mut |stage, done, total| {
-        bar.set_message(stage.to_string());
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-    }, &|| false)?;
+    let bar = stage_bar(a.json);
+    let report = engine.harden(&spec, &mut |stage, done, total| show_stage(&bar, stage, done, total), &|| false)?;
     bar.finish_and_clear();
     engine.save_text_encoder(&a.out)?;
     if let Some(d) = &a.delta {

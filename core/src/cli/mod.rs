@@ -140,6 +140,25 @@ pub fn rgba_image(width: usize, height: usize, rgba: Vec<u8>) -> Result<image::R
     image::RgbaImage::from_raw(width as u32, height as u32, rgba).ok_or_else(|| Error::Internal("image buffer size".into()))
 }
 
+/// A progress bar for work in named stages (`stage`, `done`, `total`), hidden with `--json`.
+pub fn stage_bar(hidden: bool) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(1);
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {msg} {pos}/{len} [{bar:30}] ETA {eta}") {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    if hidden {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar
+}
+
+/// Shows `stage`, `done` of `total` on a [`stage_bar`].
+pub fn show_stage(bar: &indicatif::ProgressBar, stage: &str, done: usize, total: usize) {
+    bar.set_message(stage.to_string());
+    bar.set_length(total as u64);
+    bar.set_position(done as u64);
+}
+
 /// Pretty JSON on stdout.
 pub fn print_json(v: &impl serde::Serialize) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v).map_err(|e| Error::Internal(e.to_string()))?);

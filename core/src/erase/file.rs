@@ -32,13 +32,20 @@ pub const MAX_MATRIX_ENTRIES: usize = 16 << 20;
 
 /// SHA-256 binding an erasure file's claims to its factors (`factors` = (name, shape, little-endian f32 bytes)).
 fn factors_digest(claims: [&str; 6], factors: &[(String, Vec<usize>, Vec<u8>)]) -> String {
+    let all: Vec<&str> = [FORMAT, VERSION].into_iter().chain(claims).collect();
+    claims_digest(&all, factors)
+}
+
+/// SHA-256 over length-prefixed `claims` then `tensors` (name, shape, bytes) sorted by name: what binds a file's
+/// metadata to its tensors (erasure files, hardened text-encoder deltas).
+pub(crate) fn claims_digest(claims: &[&str], tensors: &[(String, Vec<usize>, Vec<u8>)]) -> String {
     use sha2::Digest;
     let mut h = sha2::Sha256::new();
-    for claim in [FORMAT, VERSION].into_iter().chain(claims) {
+    for claim in claims {
         h.update((claim.len() as u64).to_le_bytes());
         h.update(claim.as_bytes());
     }
-    let mut sorted: Vec<&(String, Vec<usize>, Vec<u8>)> = factors.iter().collect();
+    let mut sorted: Vec<&(String, Vec<usize>, Vec<u8>)> = tensors.iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
     for (name, shape, bytes) in sorted {
         h.update((name.len() as u64).to_le_bytes());

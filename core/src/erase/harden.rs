@@ -323,24 +323,8 @@ pub const DELTA_FORMAT: &str = "unsee-text-encoder-delta";
 const DELTA_VERSION: &str = "1";
 
 fn delta_digest(claims: &[&str], tensors: &[(String, Vec<usize>, Vec<u8>)]) -> String {
-    use sha2::Digest;
-    let mut h = sha2::Sha256::new();
-    for claim in [DELTA_FORMAT, DELTA_VERSION].iter().chain(claims) {
-        h.update((claim.len() as u64).to_le_bytes());
-        h.update(claim.as_bytes());
-    }
-    let mut sorted: Vec<&(String, Vec<usize>, Vec<u8>)> = tensors.iter().collect();
-    sorted.sort_by(|a, b| a.0.cmp(&b.0));
-    for (name, shape, bytes) in sorted {
-        h.update((name.len() as u64).to_le_bytes());
-        h.update(name.as_bytes());
-        for &s in shape {
-            h.update((s as u64).to_le_bytes());
-        }
-        h.update((bytes.len() as u64).to_le_bytes());
-        h.update(bytes);
-    }
-    format!("{:x}", h.finalize())
+    let all: Vec<&str> = [DELTA_FORMAT, DELTA_VERSION].iter().chain(claims).copied().collect();
+    super::file::claims_digest(&all, tensors)
 }
 
 /// The parameters of `m` as (name in the module, shape, f32 values), in burn's layout.

@@ -225,7 +225,6 @@ pub fn attack(sd: &StableDiffusion, x0: &Tensor<4>, prompt: &str, cfg: &PromptAt
             break;
         }
     }
-    let _ = loss_sum;
     best.loss = last_loss;
     best.seconds = start.elapsed().as_secs_f64();
     Ok(best)
