@@ -39,6 +39,20 @@ pub struct EngineOptions {
     pub precision: Precision,
     /// Scan every weight for NaN/Inf even in large files.
     pub check: bool,
+    /// Guarded mode ([`Guard`]); `None` = unguarded.
+    pub guard: Option<Guard>,
+}
+
+/// The policy of a guarded engine: it loads only a bundle ([`crate::bundle`]) signed by one of `trusted_keys`,
+/// whose every file matches the manifest (weights hashed as they are read) and whose erasures include every
+/// concept of `required_concepts`; it refuses text-encoder overrides, erasure files, further `erase` calls,
+/// hardening, raw conditioning, init latents and injected sampler noise, with [`Error::GuardViolation`].
+#[derive(Debug, Clone, Default)]
+pub struct Guard {
+    /// minisign public keys: `.pub` file contents or their base64 line.
+    pub trusted_keys: Vec<String>,
+    /// Concepts the bundle must erase (compared case-insensitively).
+    pub required_concepts: Vec<String>,
 }
 
 impl Default for EngineOptions {
@@ -52,6 +66,7 @@ impl Default for EngineOptions {
             device: DeviceChoice::Auto,
             precision: Precision::F32,
             check: false,
+            guard: None,
         }
     }
 }
@@ -64,6 +79,8 @@ pub struct AppliedErasure {
     pub method: String,
     pub concepts: Vec<String>,
     pub replacements: Vec<String>,
+    /// Already in the loaded weights (an erasure of a bundle).
+    pub baked: bool,
     #[serde(skip)]
     deltas: Vec<Delta>,
 }
@@ -92,6 +109,11 @@ pub struct EngineInfo {
     pub precision: Precision,
     /// Erasures in effect, in the order they were applied.
     pub erasures: Vec<AppliedErasure>,
+    /// The bundle's manifest, when the model is a bundle.
+    pub bundle: Option<crate::bundle::Manifest>,
+    /// The bundle's signer (minisign key id) when its signature was checked.
+    pub signer: Option<String>,
+    pub guarded: bool,
 }
 
 pub struct Engine {
@@ -104,21 +126,73 @@ pub struct Engine {
     opts: EngineOptions,
 }
 
+fn guard_violation(m: impl Into<String>) -> Error {
+    Error::GuardViolation(m.into())
+}
+
 impl Engine {
     /// Loads the model on the chosen device and applies the erasure files, each checked against the weights it
     /// was computed for.
     pub fn open(opts: &EngineOptions) -> Result<Self> {
+        // The guard's checks that need no weights come first: a refused engine reads no weight file.
+        let is_bundle = opts.model.is_dir() && crate::bundle::is_bundle(&opts.model);
+        let bundle = match &opts.guard {
+            Some(guard) => {
+                if !is_bundle {
+                    return Err(guard_violation(format!(
+                        "{}: a guarded engine loads only signed bundles (`unsee bundle build --sign`)",
+                        opts.model.display())));
+                }
+                if opts.text_encoder.is_some() {
+                    return Err(guard_violation("a guarded engine refuses a replacement text encoder"));
+                }
+                if !opts.erasures.is_empty() {
+                    return Err(guard_violation("a guarded engine applies only the erasures baked into its bundle"));
+                }
+                let keys = guard.trusted_keys.iter().map(|k| crate::bundle::parse_public_key(k))
+                    .collect::<Result<Vec<_>>>()?;
+                if keys.is_empty() {
+                    return Err(guard_violation("a guarded engine needs at least one trusted public key"));
+                }
+                let verified = crate::bundle::open(&opts.model, &keys, false)?;
+                let erased: Vec<String> = verified.manifest.erased_concepts().iter()
+                    .map(|c| c.trim().to_lowercase()).collect();
+                for c in &guard.required_concepts {
+                    if !erased.contains(&c.trim().to_lowercase()) {
+                        return Err(guard_violation(format!(
+                            "{}: the bundle does not erase the required concept {c:?} (it erases {:?})",
+                            opts.model.display(), verified.manifest.erased_concepts())));
+                    }
+                }
+                Some(std::sync::Arc::new(verified))
+            }
+            None if is_bundle => Some(std::sync::Arc::new(crate::bundle::open(&opts.model, &[], false)?)),
+            None => None,
+        };
         let device = select(opts.device, opts.precision)?;
         tracing::info!("device: {}", device.description);
         let load = LoadOptions {
             check: opts.check,
             config_dir: opts.config_dir.clone(),
             text_encoder: opts.text_encoder.clone(),
+            bundle: bundle.clone(),
         };
         let base = StableDiffusion::load(&opts.model, device, &load)?;
         tracing::info!("loaded {} in {:.2}s", opts.model.display(), base.load_time.as_secs_f64());
         let mut model = base.clone();
         let mut applied = vec![];
+        if let Some(b) = &bundle {
+            for e in &b.manifest.erasures {
+                applied.push(AppliedErasure {
+                    source: e.file.as_ref().map(|f| b.dir.join(f)),
+                    method: e.method.clone(),
+                    concepts: e.concepts.clone(),
+                    replacements: e.replacements.clone(),
+                    baked: true,
+                    deltas: vec![],
+                });
+            }
+        }
         for path in &opts.erasures {
             let (info, deltas) = file::load(path)?;
             file::apply_checked(&mut model, path, &info, &deltas)?;
@@ -129,6 +203,7 @@ impl Engine {
                 method: info.method,
                 concepts: info.concepts,
                 replacements: info.replacements,
+                baked: false,
                 deltas,
             });
         }
@@ -144,9 +219,47 @@ impl Engine {
         &self.applied
     }
 
-    /// Generates with the model in use (see [`StableDiffusion::generate`]).
+    /// Whether the engine runs under a [`Guard`].
+    pub fn is_guarded(&self) -> bool {
+        self.opts.guard.is_some()
+    }
+
+    fn refuse_if_guarded(&self, what: &str) -> Result<()> {
+        if self.is_guarded() { Err(guard_violation(format!("a guarded engine refuses {what}"))) } else { Ok(()) }
+    }
+
+    /// Refuses work that needs the weights an erasure was computed from when they are not at hand: the erasures of
+    /// a bundle are baked into its weights.
+    fn refuse_if_baked(&self, what: &str) -> Result<()> {
+        if self.applied.iter().any(|a| a.baked) {
+            return Err(Error::InvalidRequest(format!(
+                "the erasures of this bundle are baked into its weights: {what} the model it was built from")));
+        }
+        Ok(())
+    }
+
+    /// Refuses work that needs floating-point weights (training, attacks, exports) on a quantized bundle.
+    fn refuse_if_bundle(&self, what: &str) -> Result<()> {
+        if self.model.bundle.is_some() {
+            return Err(Error::InvalidRequest(format!(
+                "a bundle's weights are quantized: {what} the model it was built from instead")));
+        }
+        Ok(())
+    }
+
+    /// Generates with the model in use (see [`StableDiffusion::generate`]). A guarded engine takes only prompts:
+    /// raw conditioning, init latents and injected sampler noise are refused.
     pub fn generate(&self, req: &GenerateRequest, inputs: Inputs, on_step: &mut dyn FnMut(StepEvent) -> Control,
                     target: Target) -> Result<Generated> {
+        if inputs.context.is_some() {
+            self.refuse_if_guarded("raw conditioning (embeddings in place of a prompt)")?;
+        }
+        if inputs.init_latents.is_some() {
+            self.refuse_if_guarded("init latents")?;
+        }
+        if inputs.noise.is_some() {
+            self.refuse_if_guarded("injected sampler noise")?;
+        }
         self.model.generate(req, inputs, on_step, target)
     }
 
@@ -158,6 +271,7 @@ impl Engine {
     /// Computes the edit `spec` describes on the model in use, applies it, and (if `save_to` is given) writes it
     /// as an erasure file. On error nothing is applied.
     pub fn erase(&mut self, spec: &Spec, save_to: Option<&Path>) -> Result<Edit> {
+        self.refuse_if_guarded("further erasures (only those baked into its bundle apply)")?;
         let mut edited = self.model.clone();
         let edit = crate::erase::erase(&mut edited, spec)?;
         if let Some(path) = save_to {
@@ -169,6 +283,7 @@ impl Engine {
             method: spec.method.name().to_string(),
             concepts: spec.erase.iter().map(|e| e.concept.clone()).collect(),
             replacements: spec.erase.iter().map(|e| e.replace_with.clone()).collect(),
+            baked: false,
             deltas: edit.deltas.clone(),
         });
         Ok(edit)
@@ -176,6 +291,10 @@ impl Engine {
 
     /// Writes a complete diffusers folder with every erasure in effect baked into the weights.
     pub fn bake(&self, out: &Path) -> Result<()> {
+        if self.model.bundle.is_some() {
+            return Err(Error::InvalidRequest("a bundle cannot be baked: build a new bundle from the model it was \
+                                              built from".into()));
+        }
         let deltas: Vec<Delta> = self.applied.iter().flat_map(|a| a.deltas.iter().cloned()).collect();
         file::bake(&self.base, &deltas, out)
     }
@@ -198,6 +317,7 @@ impl Engine {
     /// Audits, against the base weights, the erasures in effect — or, when there are none, the edit `spec`
     /// describes — on the concepts and preserve set of `spec`. The model in use is not changed.
     pub fn audit(&self, spec: &Spec) -> Result<AuditReport> {
+        self.refuse_if_baked("audit")?;
         let mut sd = self.base.clone();
         crate::erase::audit::audit(&mut sd, spec, |sd| {
             if self.applied.is_empty() {
@@ -218,6 +338,8 @@ impl Engine {
     /// shapes world's, or those of the spec's template family.
     pub fn attack(&self, spec: &Spec, opts: &AttackOptions, progress: &mut dyn FnMut(&str, usize, usize),
                   cancelled: &dyn Fn() -> bool) -> Result<AttackReport> {
+        self.refuse_if_guarded("attacks (they feed raw conditioning)")?;
+        self.refuse_if_bundle("attack")?;
         let replaced = self.opts.text_encoder.is_some();
         let attacked = if !self.applied.is_empty() || self.hardened_from.is_some() || replaced {
             self.model.clone()
@@ -227,7 +349,8 @@ impl Engine {
             sd
         };
         let reference = if replaced {
-            let load = LoadOptions { check: self.opts.check, config_dir: self.opts.config_dir.clone(), text_encoder: None };
+            let load = LoadOptions { check: self.opts.check, config_dir: self.opts.config_dir.clone(), text_encoder: None,
+                                     bundle: self.base.bundle.clone() };
             let own = StableDiffusion::load(&self.opts.model, self.base.device.clone(), &load)?;
             StableDiffusion { text_encoder: own.text_encoder, text_config: own.text_config, ..self.base.clone() }
         } else {
@@ -255,8 +378,11 @@ impl Engine {
     /// puts the hardened one in its place; the previous encoder is the frozen reference. Nothing changes on error.
     pub fn harden(&mut self, spec: &Spec, progress: &mut dyn FnMut(&str, usize, usize),
                   cancelled: &dyn Fn() -> bool) -> Result<HardenReport> {
+        self.refuse_if_guarded("hardening (it replaces the text encoder)")?;
+        self.refuse_if_bundle("harden")?;
         let (te, report) = crate::erase::harden::harden(&self.model, spec, progress, cancelled)?;
         let before = std::mem::replace(&mut self.model.text_encoder, te);
+        self.model.text_encoder_identity = None;
         self.hardened_from = Some((before, spec.clone()));
         Ok(report)
     }
@@ -271,13 +397,8 @@ impl Engine {
 
     /// Writes the text encoder in use as a diffusers `text_encoder` folder (what `--text-encoder` loads).
     pub fn save_text_encoder(&self, out: &Path) -> Result<()> {
-        let own = self.model.files.iter().find(|(c, _)| c == "text_encoder").and_then(|(_, f)| f.parent())
-            .map(|d| d.join("config.json")).filter(|p| p.is_file());
-        let root = match &self.model.location {
-            crate::model::ModelLocation::Folder(d) => d.clone(),
-            crate::model::ModelLocation::SingleFile { config_dir, .. } => config_dir.clone(),
-        };
-        let config = own.unwrap_or_else(|| root.join("text_encoder").join("config.json"));
+        self.refuse_if_bundle("export the text encoder of")?;
+        let (_, config) = self.config_paths();
         crate::erase::harden::save_text_encoder(&self.model.text_encoder, &config, out)
     }
 
@@ -315,7 +436,45 @@ impl Engine {
             is_gpu: sd.device.is_gpu,
             precision: sd.device.precision,
             erasures: self.applied.clone(),
+            bundle: sd.bundle.as_ref().map(|b| b.manifest.clone()),
+            signer: sd.bundle.as_ref().and_then(|b| b.signer.clone()),
+            guarded: self.is_guarded(),
         })
+    }
+
+    /// The folder that holds the model's configs, tokenizer and scheduler, and the text encoder's `config.json`.
+    fn config_paths(&self) -> (PathBuf, PathBuf) {
+        let root = match &self.model.location {
+            crate::model::ModelLocation::Folder(d) => d.clone(),
+            crate::model::ModelLocation::SingleFile { config_dir, .. } => config_dir.clone(),
+        };
+        let own = self.model.files.iter().find(|(c, _)| c == "text_encoder").and_then(|(_, f)| f.parent())
+            .map(|d| d.join("config.json")).filter(|p| p.is_file());
+        let te_config = own.unwrap_or_else(|| root.join("text_encoder").join("config.json"));
+        (root, te_config)
+    }
+
+    /// Writes the model in use — every erasure in effect baked in, the text encoder in use (replaced or hardened)
+    /// — as a bundle ([`crate::bundle`]), quantized and optionally signed.
+    pub fn build_bundle(&self, opts: &crate::bundle::BuildOptions, out: &Path,
+                        progress: &mut dyn FnMut(&str, usize, usize)) -> Result<crate::bundle::Manifest> {
+        if self.model.bundle.is_some() {
+            return Err(Error::InvalidRequest("build bundles from a model folder or checkpoint, not from a bundle \
+                                              (its weights are already quantized)".into()));
+        }
+        let (root, text_encoder_config) = self.config_paths();
+        let text_encoder_source = if self.hardened_from.is_some() {
+            "hardened".to_string()
+        } else if let Some(te) = &self.opts.text_encoder {
+            format!("replaced: {}", te.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())
+        } else {
+            "model".to_string()
+        };
+        let erasures = self.applied.iter().map(|a| (a.source.clone(), crate::bundle::ErasureRecord {
+            method: a.method.clone(), concepts: a.concepts.clone(), replacements: a.replacements.clone(), file: None,
+        })).collect();
+        let src = crate::bundle::Source { sd: &self.model, root, text_encoder_config, text_encoder_source, erasures };
+        crate::bundle::build(&src, opts, out, progress)
     }
 }
 

@@ -67,6 +67,16 @@ pub enum Error {
     #[error("I/O error on {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
 
+    /// A bundle whose manifest, signature or files do not check out (altered, swapped, missing or extra file, wrong
+    /// key): names the file.
+    #[error("{}: bundle refused: {message}", file.display())]
+    Bundle { file: PathBuf, message: String },
+
+    /// A guarded engine refused a load or a request its policy does not allow (unsigned or untrusted bundle, a
+    /// required concept not erased, a text-encoder override, raw conditioning, init latents, a further erasure).
+    #[error("guard: {0}")]
+    GuardViolation(String),
+
     #[error("internal error: {0}")]
     Internal(String),
 }

@@ -2,6 +2,7 @@
 //! diffusers checkpoint keys, proven equal to diffusers by the tests in `core/tests/`.
 
 pub mod clip;
+pub mod bundle;
 pub mod compvis;
 pub mod erase;
 pub mod device;
@@ -13,6 +14,7 @@ pub mod model;
 pub mod nn;
 pub mod pickle;
 pub mod pipeline;
+pub mod quant;
 pub mod scheduler;
 #[cfg(feature = "serve")]
 pub mod serve;

@@ -28,19 +28,43 @@ pub struct LoadOptions {
     /// `erasepro-text`): a `text_encoder` folder (`config.json` + `model.safetensors`) or a diffusers folder that
     /// has one. Its width must match the UNet's cross-attention width.
     pub text_encoder: Option<PathBuf>,
+    /// The model folder is a bundle whose manifest was already checked ([`crate::bundle::open`], with the keys the
+    /// caller trusts). A bundle given without it is checked here without a signature check.
+    pub bundle: Option<std::sync::Arc<crate::bundle::Verified>>,
 }
 
 /// Reads and loads the CLIP text encoder in `root/component` (transformers ≥ 5 writes CLIPTextModel without the
 /// `text_model.` prefix that released SD folders have; both are accepted).
-fn load_text_encoder(root: &Path, component: &str, device: &SelectedDevice, check: bool)
-    -> Result<(CLIPTextModel, ClipTextConfig, PathBuf)> {
+fn load_text_encoder(root: &Path, component: &str, device: &SelectedDevice, check: bool,
+                     bundle: Option<&crate::bundle::Verified>) -> Result<(CLIPTextModel, ClipTextConfig, PathBuf)> {
     let config: ClipTextConfig = read_config(root, component, "config.json")?;
     let mut model = CLIPTextModel::new(&config, &device.device)?;
     let file = component_weights(root, component, "model")?;
-    check_file(&file, component, check)?;
-    load_module_remapped(&mut model, component, TensorSource::File(file.clone()), device.precision,
-                         &[(r"^(embeddings|encoder|final_layer_norm)\.", "text_model.$1.")])?;
+    load_weights(&mut model, component, &file, device, check, bundle)?;
     Ok((model, config, file))
+}
+
+/// Loads one component's weight file: through [`crate::quant::load_component`] (hashed against the manifest) for
+/// a bundle or an `unsee-quantized` file, else through burn-store after the file checks.
+fn load_weights<M: burn::store::ModuleSnapshot>(module: &mut M, component: &str, file: &Path,
+                                                device: &SelectedDevice, check: bool,
+                                                bundle: Option<&crate::bundle::Verified>) -> Result<()> {
+    if let Some(b) = bundle {
+        crate::quant::load_component(module, component, file, device.precision, Some(&b.expected(file)?))?;
+        return Ok(());
+    }
+    if crate::quant::is_quantized_file(file) {
+        crate::quant::load_component(module, component, file, device.precision, None)?;
+        return Ok(());
+    }
+    check_file(file, component, check)?;
+    let src = TensorSource::File(file.to_path_buf());
+    if component == "text_encoder" {
+        load_module_remapped(module, component, src, device.precision,
+                             &[(r"^(embeddings|encoder|final_layer_norm)\.", "text_model.$1.")])
+    } else {
+        load_module(module, component, src, device.precision)
+    }
 }
 
 /// Checks that a text encoder fits the UNet and the tokenizer: its width is the UNet's cross-attention width, every
@@ -77,8 +101,8 @@ pub fn load_unet(path: &Path, device: &SelectedDevice) -> Result<(UNet2DConditio
     let cfg: UNetConfig = read_config(&dir, "unet", "config.json")?;
     let mut unet = UNet2DConditionModel::new(&cfg, &device.device)?;
     let file = component_weights(&dir, "unet", "diffusion_pytorch_model")?;
-    check_file(&file, "unet", false)?;
-    load_module(&mut unet, "unet", TensorSource::File(file), device.precision)?;
+    let bundle = if crate::bundle::is_bundle(&dir) { Some(crate::bundle::open(&dir, &[], false)?) } else { None };
+    load_weights(&mut unet, "unet", &file, device, false, bundle.as_ref())?;
     Ok((unet, cfg))
 }
 
@@ -97,6 +121,11 @@ pub struct StableDiffusion {
     pub scheduler_config: SchedulerConfig,
     /// The weight files each component was loaded from.
     pub files: Vec<(String, PathBuf)>,
+    /// The identity erasure files check ([`crate::erase::matrices::text_encoder_hash`]) when it is not the
+    /// encoder's own hash: a bundle's quantized encoder carries the hash of the encoder it was quantized from.
+    pub text_encoder_identity: Option<String>,
+    /// The bundle the model was loaded from, with its checked manifest.
+    pub bundle: Option<std::sync::Arc<crate::bundle::Verified>>,
     pub load_time: Duration,
 }
 
@@ -108,6 +137,20 @@ impl StableDiffusion {
             ModelLocation::Folder(d) => d.clone(),
             ModelLocation::SingleFile { config_dir, .. } => config_dir.clone(),
         };
+        let bundle = match (&opts.bundle, &location) {
+            (Some(b), _) => Some(b.clone()),
+            (None, ModelLocation::Folder(d)) if crate::bundle::is_bundle(d) => {
+                Some(std::sync::Arc::new(crate::bundle::open(d, &[], false)?))
+            }
+            _ => None,
+        };
+        if let Some(b) = &bundle {
+            // The small files (configs, tokenizer, erasure records) are hashed here, just before they are read;
+            // the weight files as they are read.
+            for r in b.manifest.resources.iter().filter(|r| !r.name.ends_with(".safetensors") || r.name.starts_with("erasures/")) {
+                b.check_file(&r.name)?;
+            }
+        }
         let mut text_config: ClipTextConfig = read_config(&root, "text_encoder", "config.json")?;
         let unet_config: UNetConfig = read_config(&root, "unet", "config.json")?;
         let vae_config: VaeConfig = read_config(&root, "vae", "config.json")?;
@@ -139,15 +182,14 @@ impl StableDiffusion {
         match &location {
             ModelLocation::Folder(dir) => {
                 let file;
-                (text_encoder, text_config, file) = load_text_encoder(dir, "text_encoder", &device, opts.check)?;
+                (text_encoder, text_config, file) =
+                    load_text_encoder(dir, "text_encoder", &device, opts.check, bundle.as_deref())?;
                 files.push(("text_encoder".to_string(), file));
                 for component in ["unet", "vae"] {
                     let file = component_weights(dir, component, "diffusion_pytorch_model")?;
-                    check_file(&file, component, opts.check)?;
-                    let src = TensorSource::File(file.clone());
                     match component {
-                        "unet" => load_module(&mut unet, component, src, precision)?,
-                        _ => load_module(&mut vae, component, src, precision)?,
+                        "unet" => load_weights(&mut unet, component, &file, &device, opts.check, bundle.as_deref())?,
+                        _ => load_weights(&mut vae, component, &file, &device, opts.check, bundle.as_deref())?,
                     }
                     files.push((component.to_string(), file));
                 }
@@ -204,7 +246,7 @@ impl StableDiffusion {
             } else {
                 (te.clone(), "text_encoder".to_string())
             };
-            let (model, config, file) = load_text_encoder(&te_root, &component, &device, opts.check)?;
+            let (model, config, file) = load_text_encoder(&te_root, &component, &device, opts.check, None)?;
             check_text_encoder(te, &config, &unet_config, &tokenizer)?;
             (text_encoder, text_config) = (model, config);
             files.retain(|(c, _)| c != "text_encoder");
@@ -223,6 +265,11 @@ impl StableDiffusion {
             vae_config,
             scheduler_config,
             files,
+            text_encoder_identity: match (&bundle, &opts.text_encoder) {
+                (Some(b), None) => b.manifest.text_encoder.get("hash").cloned(),
+                _ => None,
+            },
+            bundle,
             load_time: t0.elapsed(),
         })
     }

@@ -8,8 +8,14 @@ use crate::error::{Error, Result};
 
 /// Reads `t` back to the host as f32 values, row-major (whatever dtype it is stored in on the device).
 pub fn to_f32_vec<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
+    let t = if matches!(t.dtype(), DType::QFloat(_)) { t.dequantize() } else { t };
     t.cast(DType::F32).into_data().try_to_vec::<f32>()
         .map_err(|e| Error::Internal(format!("reading a tensor back as f32: {e:?}")))
+}
+
+/// Whether `t` holds quantized values ([`crate::quant`]).
+pub fn is_quantized<const D: usize>(t: &Tensor<D>) -> bool {
+    matches!(t.dtype(), DType::QFloat(_))
 }
 
 /// Token ids as the text encoder's input, `[1, len]`.

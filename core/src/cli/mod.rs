@@ -12,6 +12,7 @@ use unsee::weights::Precision;
 
 mod attack;
 mod audit;
+mod bundle;
 mod convert;
 mod encode;
 mod erase;
@@ -52,6 +53,11 @@ enum Command {
     Convert(convert::Args),
     /// Train a robust erased text encoder on the device (AdvUnlearn) and write it as a `text_encoder` folder.
     Harden(harden::Args),
+    /// Write a minisign key pair for signing bundles (NAME.key, owner-only, and NAME.pub).
+    Keygen(bundle::KeygenArgs),
+    /// Quantized, signed model bundles: build, verify, info.
+    #[command(subcommand)]
+    Bundle(bundle::BundleCommand),
     /// Serve a local web page and an AUTOMATIC1111-compatible HTTP API (`/sdapi/v1/txt2img`) on one engine.
     #[cfg(feature = "serve")]
     Serve(serve::Args),
@@ -68,6 +74,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Attack(a) => attack::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Harden(a) => harden::run(a),
+        Command::Keygen(a) => bundle::keygen(a),
+        Command::Bundle(c) => bundle::run(c),
         #[cfg(feature = "serve")]
         Command::Serve(a) => serve::run(a),
     }
@@ -99,6 +107,13 @@ pub struct ModelArgs {
     /// Apply an erasure file at load (repeatable, applied in order).
     #[arg(long = "erasure")]
     erasures: Vec<PathBuf>,
+    /// Guarded mode: load only a bundle signed by this minisign public key (`.pub` file; repeatable), refuse
+    /// --text-encoder, --erasure, raw conditioning and init latents.
+    #[arg(long = "trust")]
+    trust: Vec<PathBuf>,
+    /// Guarded mode: the bundle must erase this concept (repeatable; needs --trust).
+    #[arg(long = "require-concept")]
+    require_concepts: Vec<String>,
 }
 
 impl ModelArgs {
@@ -117,7 +132,17 @@ impl ModelArgs {
     }
 
     pub fn open(&self) -> Result<Engine> {
+        if self.trust.is_empty() && !self.require_concepts.is_empty() {
+            return Err(Error::InvalidRequest("--require-concept needs --trust KEY.pub (guarded mode)".into()));
+        }
+        let guard = if self.trust.is_empty() {
+            None
+        } else {
+            Some(unsee::engine::Guard { trusted_keys: bundle::read_keys(&self.trust)?,
+                                        required_concepts: self.require_concepts.clone() })
+        };
         Engine::open(&EngineOptions {
+            guard,
             model: self.model_dir(),
             config_dir: self.config.clone(),
             text_encoder: self.text_encoder.clone(),

@@ -159,9 +159,11 @@ pub fn hash_matrix(w: &M) -> String {
     hash_values((0..w.nrows()).flat_map(|i| (0..w.ncols()).map(move |j| (i, j))).map(|(i, j)| w[(i, j)] as f32))
 }
 
-/// Hash of every text-encoder parameter (module order).
+/// Hash of every text-encoder parameter (module order). For a bundle's own (quantized) encoder, the hash of the
+/// encoder it was quantized from, as its manifest records it: erasure files made for that encoder apply to its
+/// quantized form.
 pub fn text_encoder_hash(sd: &StableDiffusion) -> String {
-    text_encoder_hash_of(&sd.text_encoder)
+    sd.text_encoder_identity.clone().unwrap_or_else(|| text_encoder_hash_of(&sd.text_encoder))
 }
 
 /// [`text_encoder_hash`] of one encoder.
@@ -170,9 +172,12 @@ pub fn text_encoder_hash_of(te: &crate::clip::CLIPTextModel) -> String {
     let tensors = te.collect(None, None, true);
     let mut all = Vec::new();
     for t in &tensors {
-        if let Ok(data) = burn::store::bridge::to_data(t)
-            && let Ok(v) = data.convert::<f32>().try_to_vec::<f32>()
-        {
+        let Ok(data) = burn::store::bridge::to_data(t) else { continue };
+        if matches!(data.dtype(), burn::tensor::DType::QFloat(_)) {
+            // Quantized: the stored values and scales identify it.
+            use sha2::Digest;
+            all.push((t.name.clone(), format!("{:x}", sha2::Sha256::digest(data.as_bytes()))));
+        } else if let Ok(v) = data.convert::<f32>().try_to_vec::<f32>() {
             all.push((t.name.clone(), hash_values(v)));
         }
     }
@@ -187,6 +192,8 @@ pub fn apply_delta(sd: &mut StableDiffusion, delta: &Delta) -> Result<()> {
         .ok_or_else(|| Error::InvalidModel { path: delta.component.prefix().into(),
                                              message: format!("the model has no matrix {}", delta.name) })?;
     let w = lin.weight.val();
+    // A quantized matrix is edited in floating point (it stays so: the edit is not re-quantized).
+    let w = if crate::tensor::is_quantized(&w) { w.dequantize() } else { w };
     let [d_in, d_out] = w.dims();
     if delta.r.nrows() != d_out || delta.x.nrows() != d_in {
         return Err(Error::InvalidModel { path: delta.component.prefix().into(), message: format!(

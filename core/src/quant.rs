@@ -1,0 +1,568 @@
+//! Weight-only quantization of a model's components, and the reader that loads a component file while hashing
+//! every byte it uses.
+//!
+//! # What is quantized (the rule)
+//! - **Quantized**: the weight of every `Linear` (rank 2, `[out, in]`) and `Conv2d` (rank 4, `[out, in, kh, kw]`)
+//!   whose input-channel count is a multiple of 32, in blocks of 32 consecutive input channels (for a conv, at
+//!   each kernel position), with one scale per block: symmetric int8 (±127) or int4 (±7).
+//! - **Kept exact** (stored as they are, f32): the UNet's cross-attention `attn2.to_k` / `attn2.to_v`. These are
+//!   the matrices the closed-form erasures (UCE, TIME, RECE, SPEED, ErasePro) edit: keeping them exact makes an
+//!   erasure baked into a bundle exactly the computed one, and keeps erasure files (whose base hashes are taken
+//!   over these matrices) applicable to a quantized model. In SD-1.5 they are 2.5 % of the UNet.
+//! - **f16**: everything else: norms, biases, the token and position embeddings, convolutions whose input
+//!   channels are not a multiple of 32 (the UNet's and VAE's 4-channel `conv_in`/`conv_out`… ).
+//!
+//! # File format (`unsee-quantized`, version 1)
+//! A safetensors file with the component's diffusers key names, and `__metadata__`
+//! `{"format": "unsee-quantized", "version": "1", "quant": "int8"|"int4"|"f16", "block": "32"}`.
+//! A quantized weight `K` of PyTorch shape `[out, in, …]` is two tensors:
+//! - `K`: int8 → dtype `I8`, the same shape; int4 → dtype `U8`, shape `[out, in/2, …]`: input channels `2c`
+//!   (low nibble) and `2c+1` (high nibble) in one byte, each a 4-bit two's-complement value in −7..=7;
+//! - `K.qscale`: dtype `F16`, shape `[out, in/32, …]`: the scale of each block; the weight is `scale × q`.
+//!
+//! Any safetensors reader can load it (e.g. Python: `w = q.float() * scale.float().repeat_interleave(32, 1)`).
+//! burn's own quantized storage (`.bpk`) was not used because its reader cannot hash what it reads, and the
+//! safetensors writer of burn-store refuses quantized tensors.
+//!
+//! # In memory
+//! Quantized weights stay quantized: they become burn `QFloat` tensors (`QuantValue::Q8S` / `Q4S`, block
+//! `[32, 1]` for a burn `Linear`'s `[in, out]` weight, `[1, 32, 1, 1]` for a conv), and burn dequantizes per
+//! layer at use. burn's `flex` (CPU) backend keeps one i8 per value even for 4-bit, so int4 halves the file,
+//! not the memory, on the CPU.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::path::Path;
+
+use burn::store::burn_pack::Tensor as PackTensor;
+use burn::store::{ApplyError, ModuleAdapter, ModuleContext, ModuleSnapshot, PyTorchToBurnAdapter};
+use burn::tensor::quantization::{QuantScheme, QuantStore, QuantValue, ScaleDtype};
+use burn::tensor::{DType, TensorData};
+use half::f16;
+use safetensors::Dtype;
+use sha2::Digest;
+
+use crate::error::{Error, Result};
+use crate::weights::{OwnedTensor, Precision};
+
+/// Input channels per block.
+pub const BLOCK: usize = 32;
+pub const FORMAT: &str = "unsee-quantized";
+pub const VERSION: &str = "1";
+pub const SCALE_SUFFIX: &str = ".qscale";
+/// A component file's safetensors header may not exceed this (SD-1.5's UNet header is ~100 KB).
+const MAX_HEADER: u64 = 64 * 1024 * 1024;
+
+/// How a bundle stores its weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Quant {
+    F16,
+    Int8,
+    Int4,
+}
+
+impl Quant {
+    pub fn name(self) -> &'static str {
+        match self {
+            Quant::F16 => "f16",
+            Quant::Int8 => "int8",
+            Quant::Int4 => "int4",
+        }
+    }
+    /// Largest quantized magnitude.
+    fn qmax(self) -> f32 {
+        match self {
+            Quant::Int4 => 7.0,
+            _ => 127.0,
+        }
+    }
+}
+
+impl std::str::FromStr for Quant {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f16" | "fp16" => Ok(Quant::F16),
+            "int8" | "q8" => Ok(Quant::Int8),
+            "int4" | "q4" => Ok(Quant::Int4),
+            _ => Err(format!("unknown quantization {s:?} (int8, int4 or f16)")),
+        }
+    }
+}
+
+/// How one tensor is stored (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Storage {
+    Quantized,
+    Exact,
+    F16,
+}
+
+/// The rule: `name` is a diffusers key, `shape` its PyTorch shape.
+pub fn storage(name: &str, shape: &[usize]) -> Storage {
+    if name.ends_with("attn2.to_k.weight") || name.ends_with("attn2.to_v.weight") {
+        return Storage::Exact;
+    }
+    let weight = name.ends_with(".weight") && !name.contains("embeddings.") && !name.contains("norm");
+    if weight && matches!(shape.len(), 2 | 4) && shape[1] % BLOCK == 0 && shape[0] > 0 {
+        Storage::Quantized
+    } else {
+        Storage::F16
+    }
+}
+
+/// Sizes of what [`quantize_module`] wrote.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Counts {
+    pub quantized: usize,
+    pub exact: usize,
+    pub f16: usize,
+}
+
+/// The parameters of `module` (PyTorch layout and names) in `quant`'s storage, ready for
+/// [`crate::weights::write_safetensors`] with [`metadata`].
+pub fn quantize_module<M: ModuleSnapshot>(module: &M, quant: Quant) -> Result<(Vec<OwnedTensor>, Counts)> {
+    let mut out = vec![];
+    let mut counts = Counts::default();
+    for t in module.collect(None, Some(Box::new(burn::store::BurnToPyTorchAdapter)), true) {
+        let name = t.name.clone();
+        let data = burn::store::bridge::into_data(t).map_err(|e| Error::Internal(format!("{name}: {e:?}")))?;
+        let shape = data.shape().to_vec();
+        let values = data.convert::<f32>().try_into_vec::<f32>().map_err(|e| Error::Internal(format!("{name}: {e:?}")))?;
+        if values.iter().any(|x| !x.is_finite()) {
+            return Err(Error::NonFiniteWeights { component: name.clone(), count: 1, names: name });
+        }
+        match (storage(&name, &shape), quant) {
+            (Storage::Quantized, Quant::Int8 | Quant::Int4) => {
+                let (q, scales) = quantize(&values, &shape, quant);
+                let mut scale_shape = shape.clone();
+                scale_shape[1] /= BLOCK;
+                let mut q_shape = shape.clone();
+                if quant == Quant::Int4 {
+                    q_shape[1] /= 2;
+                }
+                let (dtype, bytes) = match quant {
+                    Quant::Int4 => (Dtype::U8, pack_int4(&q, &shape)),
+                    _ => (Dtype::I8, q.iter().map(|&v| v as u8).collect()),
+                };
+                counts.quantized += values.len();
+                out.push(OwnedTensor { name: format!("{name}{SCALE_SUFFIX}"), dtype: Dtype::F16, shape: scale_shape,
+                                       bytes: scales.iter().flat_map(|s| s.to_le_bytes()).collect() });
+                out.push(OwnedTensor { name, dtype, shape: q_shape, bytes });
+            }
+            (Storage::Exact, _) => {
+                counts.exact += values.len();
+                out.push(OwnedTensor::f32(name, shape, &values));
+            }
+            _ => {
+                counts.f16 += values.len();
+                out.push(OwnedTensor { name, dtype: Dtype::F16, shape,
+                                       bytes: values.iter().flat_map(|&x| f16::from_f32(x).to_le_bytes()).collect() });
+            }
+        }
+    }
+    Ok((out, counts))
+}
+
+/// The `__metadata__` of a component file in `quant`'s storage.
+pub fn metadata(quant: Quant) -> HashMap<String, String> {
+    HashMap::from([
+        ("format".to_string(), FORMAT.to_string()),
+        ("version".to_string(), VERSION.to_string()),
+        ("quant".to_string(), quant.name().to_string()),
+        ("block".to_string(), BLOCK.to_string()),
+    ])
+}
+
+/// Index of value `(o, i, rest)` in a row-major `[out, in, rest…]` tensor.
+fn layout(shape: &[usize]) -> (usize, usize, usize) {
+    (shape[0], shape[1], shape[2..].iter().product::<usize>())
+}
+
+/// Symmetric block quantization along axis 1: (values, f16 scales `[out, in/32, rest]`). The quantized values are
+/// computed with the f16-rounded scale, so `scale × q` is exactly what a reader reconstructs.
+pub fn quantize(values: &[f32], shape: &[usize], quant: Quant) -> (Vec<i8>, Vec<f16>) {
+    let (o, i, r) = layout(shape);
+    let nb = i / BLOCK;
+    let qmax = quant.qmax();
+    let mut scales = vec![f16::ZERO; o * nb * r];
+    let mut q = vec![0i8; values.len()];
+    for oo in 0..o {
+        for b in 0..nb {
+            for rr in 0..r {
+                let idx = |c: usize| (oo * i + b * BLOCK + c) * r + rr;
+                let peak = (0..BLOCK).map(|c| values[idx(c)].abs()).fold(0.0f32, f32::max);
+                let scale = f16::from_f32(peak / qmax);
+                scales[(oo * nb + b) * r + rr] = scale;
+                let s = scale.to_f32();
+                if s > 0.0 {
+                    for c in 0..BLOCK {
+                        q[idx(c)] = (values[idx(c)] / s).round().clamp(-qmax, qmax) as i8;
+                    }
+                }
+            }
+        }
+    }
+    (q, scales)
+}
+
+/// Packs int4 values in −7..=7 two per byte along axis 1 (channel 2c low nibble, 2c+1 high).
+fn pack_int4(q: &[i8], shape: &[usize]) -> Vec<u8> {
+    let (o, i, r) = layout(shape);
+    let mut out = vec![0u8; q.len() / 2];
+    for oo in 0..o {
+        for c in 0..i / 2 {
+            for rr in 0..r {
+                let lo = q[(oo * i + 2 * c) * r + rr] as u8 & 0x0f;
+                let hi = q[(oo * i + 2 * c + 1) * r + rr] as u8 & 0x0f;
+                out[(oo * (i / 2) + c) * r + rr] = lo | (hi << 4);
+            }
+        }
+    }
+    out
+}
+
+/// The inverse of [`pack_int4`]; a nibble of 8 (−8) is refused by the caller's range check.
+fn unpack_int4(packed: &[u8], shape: &[usize]) -> Vec<i8> {
+    let (o, i, r) = layout(shape);
+    let mut q = vec![0i8; o * i * r];
+    let nib = |v: u8| ((v << 4) as i8) >> 4;
+    for oo in 0..o {
+        for c in 0..i / 2 {
+            for rr in 0..r {
+                let b = packed[(oo * (i / 2) + c) * r + rr];
+                q[(oo * i + 2 * c) * r + rr] = nib(b & 0x0f);
+                q[(oo * i + 2 * c + 1) * r + rr] = nib(b >> 4);
+            }
+        }
+    }
+    q
+}
+
+/// What a file is expected to be (from a bundle's manifest).
+#[derive(Debug, Clone)]
+pub struct Expected {
+    pub sha256: String,
+    pub size: u64,
+}
+
+/// One tensor entry of a safetensors header.
+struct Entry {
+    name: String,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    start: u64,
+    end: u64,
+}
+
+fn dtype_of(s: &str) -> Option<(Dtype, u64)> {
+    Some(match s {
+        "F32" => (Dtype::F32, 4),
+        "F16" => (Dtype::F16, 2),
+        "BF16" => (Dtype::BF16, 2),
+        "I8" => (Dtype::I8, 1),
+        "U8" => (Dtype::U8, 1),
+        _ => return None,
+    })
+}
+
+/// Streams `path`: header, then every tensor in file order, hashing each byte read. Returns the parsed metadata,
+/// the tensors (name → (dtype, shape, bytes)) and the file's SHA-256. Every offset and size is checked against the
+/// file's real length before anything is allocated.
+fn read_all(path: &Path, expect: Option<&Expected>)
+    -> Result<(HashMap<String, String>, Vec<(Entry, Vec<u8>)>, String)> {
+    let corrupt = |m: String| Error::CorruptWeights { file: path.to_path_buf(), message: m };
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    if let Some(e) = expect && e.size != size {
+        return Err(Error::Bundle { file: path.to_path_buf(),
+                                   message: format!("is {size} bytes, the manifest says {}", e.size) });
+    }
+    let mut hasher = sha2::Sha256::new();
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(|_| corrupt("shorter than a safetensors header".into()))?;
+    hasher.update(len);
+    let n = u64::from_le_bytes(len);
+    if n > MAX_HEADER || n > size - 8 {
+        return Err(corrupt(format!("header length {n} exceeds the file or {MAX_HEADER} bytes")));
+    }
+    let mut header = vec![0u8; n as usize];
+    file.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
+    hasher.update(&header);
+    let json: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| corrupt(format!("header: {e}")))?;
+    let mut meta = HashMap::new();
+    let mut entries = vec![];
+    for (name, v) in json {
+        if name == "__metadata__" {
+            meta = serde_json::from_value(v).map_err(|e| corrupt(format!("__metadata__: {e}")))?;
+            continue;
+        }
+        let bad = |m: &str| corrupt(format!("tensor {name}: {m}"));
+        let dtype = v.get("dtype").and_then(|d| d.as_str()).ok_or_else(|| bad("no dtype"))?;
+        let (dtype, width) = dtype_of(dtype).ok_or_else(|| bad(&format!("unsupported dtype {dtype}")))?;
+        let shape: Vec<usize> = v.get("shape").and_then(|s| serde_json::from_value(s.clone()).ok())
+            .ok_or_else(|| bad("no shape"))?;
+        let offsets: [u64; 2] = v.get("data_offsets").and_then(|s| serde_json::from_value(s.clone()).ok())
+            .ok_or_else(|| bad("no data_offsets"))?;
+        let numel = shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d as u64)).ok_or_else(|| bad("shape overflows"))?;
+        if shape.len() > 8 || offsets[1] < offsets[0] || numel.checked_mul(width) != Some(offsets[1] - offsets[0]) {
+            return Err(bad(&format!("shape {shape:?} does not match its {} bytes", offsets[1].wrapping_sub(offsets[0]))));
+        }
+        entries.push(Entry { name, dtype, shape, start: offsets[0], end: offsets[1] });
+    }
+    entries.sort_by_key(|e| (e.start, e.end));
+    let mut at = 0u64;
+    for e in &entries {
+        if e.start != at {
+            return Err(corrupt(format!("tensor {} starts at {} instead of {at} (gap or overlap)", e.name, e.start)));
+        }
+        at = e.end;
+    }
+    if 8 + n + at != size {
+        return Err(corrupt(format!("the tensors end at byte {} but the file has {size}", 8 + n + at)));
+    }
+    let mut tensors = Vec::with_capacity(entries.len());
+    for e in entries {
+        let mut bytes = vec![0u8; (e.end - e.start) as usize];
+        file.read_exact(&mut bytes).map_err(|err| Error::io(path, err))?;
+        hasher.update(&bytes);
+        tensors.push((e, bytes));
+    }
+    let digest = format!("{:x}", hasher.finalize());
+    if let Some(e) = expect && e.sha256 != digest {
+        return Err(Error::Bundle { file: path.to_path_buf(),
+                                   message: "its SHA-256 does not match the manifest (altered or swapped)".into() });
+    }
+    Ok((meta, tensors, digest))
+}
+
+/// Float bytes of `dtype` as `precision`.
+fn float_data(dtype: Dtype, bytes: &[u8], shape: Vec<usize>, precision: Precision) -> TensorData {
+    let values: Vec<f32> = match dtype {
+        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        _ => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+    };
+    match precision {
+        Precision::F32 => TensorData::new(values, shape),
+        Precision::F16 => TensorData::new(values.into_iter().map(f16::from_f32).collect::<Vec<_>>(), shape),
+    }
+}
+
+/// Lets quantized tensors (already in burn's layout) through, and converts the others from PyTorch's.
+#[derive(Clone)]
+struct Adapter;
+
+impl ModuleAdapter for Adapter {
+    fn adapt(&self, tensor: PackTensor, ctx: ModuleContext<'_>) -> PackTensor {
+        if matches!(tensor.dtype, DType::QFloat(_)) { tensor } else { PyTorchToBurnAdapter.adapt(tensor, ctx) }
+    }
+    fn get_alternative_param_name(&self, param_name: &str, container_type: &str) -> Option<String> {
+        PyTorchToBurnAdapter.get_alternative_param_name(param_name, container_type)
+    }
+    fn clone_box(&self) -> Box<dyn ModuleAdapter> {
+        Box::new(self.clone())
+    }
+}
+
+/// What [`load_component`] read.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub sha256: String,
+    /// `None` for a plain (unquantized) safetensors file.
+    pub quant: Option<Quant>,
+}
+
+/// Whether `path` is an `unsee-quantized` component file (reads only its header).
+pub fn is_quantized_file(path: &Path) -> bool {
+    crate::weights::MappedSafetensors::open(path).ok().and_then(|m| m.metadata())
+        .is_some_and(|m| m.get("format").is_some_and(|f| f == FORMAT))
+}
+
+/// Reads `path` once (a plain or an `unsee-quantized` safetensors file), checks it against `expect` (size and
+/// SHA-256 of exactly the bytes that become weights), and only then loads it into `module`. On any error the
+/// module is untouched. Quantized tensors must be where the rule puts them, with a well-formed scale tensor.
+pub fn load_component<M: ModuleSnapshot>(module: &mut M, component: &str, path: &Path, precision: Precision,
+                                         expect: Option<&Expected>) -> Result<Loaded> {
+    let (meta, tensors, sha256) = read_all(path, expect)?;
+    let corrupt = |m: String| Error::CorruptWeights { file: path.to_path_buf(), message: m };
+    let quant = match meta.get("format").map(String::as_str) {
+        Some(FORMAT) => {
+            if meta.get("version").map(String::as_str) != Some(VERSION)
+                || meta.get("block").map(String::as_str) != Some("32") {
+                return Err(corrupt(format!("not a version-{VERSION} {FORMAT} file with blocks of {BLOCK}")));
+            }
+            Some(meta.get("quant").and_then(|q| q.parse::<Quant>().ok())
+                .ok_or_else(|| corrupt("metadata names no known quantization".into()))?)
+        }
+        _ => None,
+    };
+    let mut scales: HashMap<String, (Vec<usize>, Vec<u8>)> = HashMap::new();
+    let mut pending: HashMap<String, (Entry, Vec<u8>)> = HashMap::new();
+    let mut packs = Vec::with_capacity(tensors.len());
+    let component_prefix = |name: &str| if component == "text_encoder" && !name.starts_with("text_model.") {
+        format!("text_model.{name}")
+    } else {
+        name.to_string()
+    };
+    for (e, bytes) in tensors {
+        if let Some(base) = e.name.strip_suffix(SCALE_SUFFIX) {
+            if quant.is_none() || e.dtype != Dtype::F16 {
+                return Err(corrupt(format!("{}: a scale tensor must be F16 in a {FORMAT} file", e.name)));
+            }
+            let base = base.to_string();
+            scales.insert(base.clone(), (e.shape, bytes));
+            if let Some((d, b)) = pending.remove(&base) {
+                let (s_shape, s_bytes) = scales.remove(&base).unwrap_or_default();
+                packs.push(quantized_pack(component_prefix(&base), d, b, &s_shape, &s_bytes, quant, path)?);
+            }
+            continue;
+        }
+        let quantized_dtype = matches!(e.dtype, Dtype::I8 | Dtype::U8);
+        if quantized_dtype {
+            if quant.is_none() {
+                return Err(corrupt(format!("{}: integer weights outside a {FORMAT} file", e.name)));
+            }
+            if let Some((s_shape, s_bytes)) = scales.remove(&e.name) {
+                let name = component_prefix(&e.name);
+                packs.push(quantized_pack(name, e, bytes, &s_shape, &s_bytes, quant, path)?);
+            } else {
+                pending.insert(e.name.clone(), (e, bytes));
+            }
+            continue;
+        }
+        let name = component_prefix(&e.name);
+        packs.push(burn::store::bridge::from_data(float_data(e.dtype, &bytes, e.shape, precision), name, None));
+    }
+    if let Some(name) = pending.keys().chain(scales.keys()).next() {
+        return Err(corrupt(format!("{name}: quantized data without its {SCALE_SUFFIX} tensor, or the reverse")));
+    }
+    let result = module.apply(packs, None, Some(Box::new(Adapter)), true);
+    let mut lines = vec![];
+    for err in &result.errors {
+        lines.push(match err {
+            ApplyError::ShapeMismatch { path, expected, found } => {
+                format!("  mis-shaped: {path}: expected {:?}, found {:?}", expected.as_slice(), found.as_slice())
+            }
+            other => format!("  unreadable: {other}"),
+        });
+    }
+    for (p, _) in &result.missing {
+        lines.push(format!("  missing:    {p}"));
+    }
+    for p in result.unused.iter().filter(|p| !p.ends_with("position_ids")) {
+        lines.push(format!("  unexpected: {p}"));
+    }
+    if !lines.is_empty() {
+        return Err(Error::WeightMismatch { component: component.to_string(), file: path.to_path_buf(),
+                                           report: lines.join("\n") });
+    }
+    Ok(Loaded { sha256, quant })
+}
+
+/// A quantized weight as a burn `QFloat` tensor in burn's layout (a `Linear`'s weight transposed to `[in, out]`).
+fn quantized_pack(name: String, e: Entry, bytes: Vec<u8>, s_shape: &[usize], s_bytes: &[u8], quant: Option<Quant>,
+                  path: &Path) -> Result<PackTensor> {
+    let corrupt = |m: String| Error::CorruptWeights { file: path.to_path_buf(), message: format!("{}: {m}", e.name) };
+    let quant = quant.filter(|q| *q != Quant::F16).ok_or_else(|| corrupt("integer weights in an f16 file".into()))?;
+    if !matches!(s_shape.len(), 2 | 4) {
+        return Err(corrupt(format!("scale shape {s_shape:?} is not rank 2 or 4")));
+    }
+    let mut shape = s_shape.to_vec();
+    shape[1] = shape[1].checked_mul(BLOCK).ok_or_else(|| corrupt("scale shape overflows".into()))?;
+    let mut stored = shape.clone();
+    let want = match quant {
+        Quant::Int4 => {
+            stored[1] /= 2;
+            Dtype::U8
+        }
+        _ => Dtype::I8,
+    };
+    if e.dtype != want || e.shape != stored {
+        return Err(corrupt(format!("{:?} {:?} does not match its scales {s_shape:?} for {}", e.dtype, e.shape,
+                                   quant.name())));
+    }
+    if storage(&e.name, &shape) != Storage::Quantized {
+        return Err(corrupt("this tensor is never quantized (norms, biases, embeddings, cross-attention keys and \
+                            values stay in floating point)".into()));
+    }
+    let q: Vec<i8> = match quant {
+        Quant::Int4 => unpack_int4(&bytes, &shape),
+        _ => bytes.into_iter().map(|b| b as i8).collect(),
+    };
+    let qmax = quant.qmax() as i8;
+    if q.iter().any(|&v| v < -qmax || v > qmax) {
+        return Err(corrupt(format!("values outside ±{qmax}")));
+    }
+    let scales: Vec<f32> = s_bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect();
+    if scales.iter().any(|s| !s.is_finite() || *s < 0.0) {
+        return Err(corrupt("scales must be finite and ≥ 0".into()));
+    }
+    let value = match quant {
+        Quant::Int4 => QuantValue::Q4S,
+        _ => QuantValue::Q8S,
+    };
+    let scheme = QuantScheme::default().with_value(value).with_store(QuantStore::Native);
+    let data = if shape.len() == 2 {
+        // burn's Linear holds [in, out]: transpose the values, and the scales [out, in/32] → [in/32, out].
+        let (o, i) = (shape[0], shape[1]);
+        let mut t = vec![0i8; q.len()];
+        for oo in 0..o {
+            for ii in 0..i {
+                t[ii * o + oo] = q[oo * i + ii];
+            }
+        }
+        let nb = i / BLOCK;
+        let mut st = vec![0f32; scales.len()];
+        for oo in 0..o {
+            for b in 0..nb {
+                st[b * o + oo] = scales[oo * nb + b];
+            }
+        }
+        TensorData::quantized(t, [i, o], scheme.per_block([BLOCK as u8, 1], ScaleDtype::F32), &st, None)
+    } else {
+        TensorData::quantized(q, shape.clone(), scheme.per_block([1, BLOCK as u8, 1, 1], ScaleDtype::F32), &scales,
+                              None)
+    };
+    Ok(burn::store::bridge::from_data(data, name, None))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rule() {
+        assert_eq!(storage("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight", &[320, 768]),
+                   Storage::Exact);
+        assert_eq!(storage("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k.weight", &[320, 320]),
+                   Storage::Quantized);
+        assert_eq!(storage("down_blocks.0.resnets.0.conv1.weight", &[320, 320, 3, 3]), Storage::Quantized);
+        assert_eq!(storage("conv_in.weight", &[320, 4, 3, 3]), Storage::F16);
+        assert_eq!(storage("down_blocks.0.resnets.0.norm1.weight", &[320]), Storage::F16);
+        assert_eq!(storage("text_model.embeddings.token_embedding.weight", &[49408, 768]), Storage::F16);
+        assert_eq!(storage("down_blocks.0.resnets.0.conv1.bias", &[320]), Storage::F16);
+    }
+
+    #[test]
+    fn int4_packing_round_trips() {
+        let shape = [3, 64, 2];
+        let q: Vec<i8> = (0..3 * 64 * 2).map(|k| ((k * 7 % 15) as i8) - 7).collect();
+        assert_eq!(unpack_int4(&pack_int4(&q, &shape), &shape), q);
+    }
+
+    #[test]
+    fn quantization_error_is_bounded_by_half_a_step() {
+        let shape = [4, 64];
+        let v: Vec<f32> = (0..256).map(|k| ((k as f32) * 0.37).sin() * (1.0 + (k % 7) as f32)).collect();
+        for quant in [Quant::Int8, Quant::Int4] {
+            let (q, s) = quantize(&v, &shape, quant);
+            for (k, x) in v.iter().enumerate() {
+                let scale = s[(k / 64) * 2 + (k % 64) / 32].to_f32();
+                assert!((scale * q[k] as f32 - x).abs() <= 0.5 * scale * 1.01 + 1e-6, "{quant:?} at {k}");
+            }
+        }
+    }
+}
