@@ -1,6 +1,7 @@
 // Compose sample: prompt field, the erased concepts of the loaded bundle, progress bar, image, cancel button.
-// The model is copied from the repository's models/shapes-sd (or any diffusers folder you put in
-// src/main/assets/model) into the app's files on first start.
+// It loads a signed int8 bundle of the shapes model with "circle" erased, in guarded mode: the bundle and its public
+// key are made by models/make-sample-bundle.sh (run by the makeBundle task below; the secret key stays on the build
+// machine) and copied into the app's files on first start.
 plugins {
     id("com.android.application")
     id("org.jetbrains.kotlin.android")
@@ -32,10 +33,14 @@ android {
     kotlinOptions { jvmTarget = "17" }
 }
 
-// The embedded model (and an erasure bundle, if models/bundle exists) as assets/model, assets/erasures.
+// The signed bundle (assets/bundle) and the key the app trusts (assets/trusted.pub).
+val makeBundle by tasks.registering(Exec::class) {
+    commandLine(repoRoot.resolve("models/make-sample-bundle.sh").path)
+}
 val copyModel by tasks.registering(Copy::class) {
-    from(repoRoot.resolve("models/shapes-sd")) { into("model") }
-    from(repoRoot.resolve("models/bundle")) { into("erasures") }
+    dependsOn(makeBundle)
+    from(repoRoot.resolve("models/sample-bundle")) { into("bundle") }
+    from(repoRoot.resolve("models/sample-keys/sample.pub")) { rename { "trusted.pub" } }
     into(layout.buildDirectory.dir("modelAssets"))
 }
 tasks.named("preBuild") { dependsOn(copyModel) }

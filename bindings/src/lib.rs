@@ -51,6 +51,13 @@ pub enum UnseeError {
     /// Reading or writing a file failed.
     #[error("{0}")]
     Io(String),
+    /// A bundle whose manifest, signature or files do not check out (altered, swapped, missing or extra file, an
+    /// untrusted key); the message names the file.
+    #[error("{0}")]
+    BundleRefused(String),
+    /// A guarded engine refused a load or a call its policy does not allow.
+    #[error("{0}")]
+    GuardViolation(String),
     /// A bug: a panic inside the runtime (caught at the boundary) or an unexpected internal state.
     #[error("{0}")]
     Internal(String),
@@ -77,6 +84,8 @@ impl From<CoreError> for UnseeError {
             }
             CoreError::Cancelled => Self::Cancelled(m),
             CoreError::Io { .. } => Self::Io(m),
+            CoreError::Bundle { .. } => Self::BundleRefused(m),
+            CoreError::GuardViolation(_) => Self::GuardViolation(m),
             CoreError::Internal(_) => Self::Internal(m),
         }
     }
@@ -164,6 +173,15 @@ pub struct EngineConfig {
     pub erasure_paths: Vec<String>,
     pub device: DeviceKind,
     pub precision: Precision,
+    /// Guarded mode when not empty: `model_path` must be a bundle (`unsee bundle build --sign`) signed by one of
+    /// these minisign public keys (the `.pub` file's contents or its base64 line), whose files all match its
+    /// manifest; text-encoder overrides, erasure files, raw conditioning and init latents are refused with
+    /// `GuardViolation`.
+    #[uniffi(default = [])]
+    pub trusted_keys: Vec<String>,
+    /// Guarded mode: concepts the bundle must erase (case-insensitive).
+    #[uniffi(default = [])]
+    pub required_concepts: Vec<String>,
 }
 
 /// What to generate. Integer fields are signed so that the Kotlin API has plain `Int`/`Long` (callable from Java);
@@ -388,6 +406,13 @@ impl Engine {
                 precision: match config.precision {
                     Precision::F32 => unsee::weights::Precision::F32,
                     Precision::F16 => unsee::weights::Precision::F16,
+                },
+                guard: match (config.trusted_keys.is_empty(), config.required_concepts.is_empty()) {
+                    (true, true) => None,
+                    (true, false) => return Err(UnseeError::InvalidRequest(
+                        "required_concepts needs trusted_keys (guarded mode)".into())),
+                    _ => Some(unsee::engine::Guard { trusted_keys: config.trusted_keys,
+                                                     required_concepts: config.required_concepts }),
                 },
                 ..defaults
             };

@@ -77,6 +77,27 @@ fn generate(language: &str, out: &Path) {
     );
 }
 
+/// A signed int8 bundle of the tiny model with "red circle" erased, its trusted key and another key, built with
+/// the core library (what `unsee keygen` + `unsee bundle build --erasure … --sign` do): (bundle, trusted .pub,
+/// other .pub).
+fn signed_bundle(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let (key, trusted) = unsee::bundle::keygen(&dir.join("trusted"), None).unwrap();
+    let (_, other) = unsee::bundle::keygen(&dir.join("other"), None).unwrap();
+    let opts = unsee::engine::EngineOptions { model: repo().join("models/tiny-sd"),
+                                              device: unsee::device::DeviceChoice::Cpu,
+                                              ..unsee::engine::EngineOptions::default() };
+    let mut engine = unsee::engine::Engine::open(&opts).unwrap();
+    let spec = unsee::erase::spec::Spec::parse_inline(
+        "method = \"uce\"\npreserve = [\"a blue square\"]\n[[erase]]\nconcept = \"red circle\"\nreplace_with = \"yellow ring\"\n",
+    ).unwrap();
+    engine.erase(&spec, None).unwrap();
+    let bundle = dir.join("bundle");
+    let build = unsee::bundle::BuildOptions { quant: unsee::quant::Quant::Int8, sign: Some((key, None)),
+                                              creator: "bindings test".into() };
+    engine.build_bundle(&build, &bundle, &mut |_, _, _| {}).unwrap();
+    (bundle, trusted, other)
+}
+
 #[test]
 fn python_bindings_drive_the_engine() {
     let dir = scratch("python");
@@ -84,9 +105,13 @@ fn python_bindings_drive_the_engine() {
     std::fs::copy(cdylib(), dir.join(cdylib().file_name().unwrap())).unwrap();
     let tmp = dir.join("tmp");
     std::fs::create_dir_all(&tmp).unwrap();
+    let (bundle, trusted, other) = signed_bundle(&dir);
     let out = run(
         Command::new("python3")
             .arg(repo().join("bindings/tests/python/test_engine.py"))
+            .env("UNSEE_BUNDLE", &bundle)
+            .env("UNSEE_BUNDLE_KEY", &trusted)
+            .env("UNSEE_OTHER_KEY", &other)
             .env("PYTHONPATH", &dir)
             .env("UNSEE_REPO", repo())
             .env("UNSEE_TMP", &tmp)
@@ -162,6 +187,7 @@ fn jvm_bindings_kotlin_and_jni() {
     }
 
     let dir = scratch("jvm");
+    let (bundle, trusted, other) = signed_bundle(&dir);
     let gen_dir = dir.join("generated");
     generate("kotlin", &gen_dir);
     let native_dir = dir.join("native");
@@ -208,6 +234,9 @@ fn jvm_bindings_kotlin_and_jni() {
             .arg(format!("-Djava.library.path={}", native_dir.display()))
             .arg(main)
             .env("UNSEE_REPO", &repo)
+            .env("UNSEE_BUNDLE", &bundle)
+            .env("UNSEE_BUNDLE_KEY", &trusted)
+            .env("UNSEE_OTHER_KEY", &other)
             .env("UNSEE_CACHE_DIR", dir.join("cache"));
         c
     };

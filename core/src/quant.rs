@@ -5,10 +5,11 @@
 //! - **Quantized**: the weight of every `Linear` (rank 2, `[out, in]`) and `Conv2d` (rank 4, `[out, in, kh, kw]`)
 //!   whose input-channel count is a multiple of 32, in blocks of 32 consecutive input channels (for a conv, at
 //!   each kernel position), with one scale per block: symmetric int8 (±127) or int4 (±7).
-//! - **Kept exact** (stored as they are, f32): the UNet's cross-attention `attn2.to_k` / `attn2.to_v`. These are
-//!   the matrices the closed-form erasures (UCE, TIME, RECE, SPEED, ErasePro) edit: keeping them exact makes an
-//!   erasure baked into a bundle exactly the computed one, and keeps erasure files (whose base hashes are taken
-//!   over these matrices) applicable to a quantized model. In SD-1.5 they are 2.5 % of the UNet.
+//! - **Never quantized** (f16, "exact"): the UNet's cross-attention `attn2.to_k` / `attn2.to_v`. These are the
+//!   matrices the closed-form erasures (UCE, TIME, RECE, SPEED, ErasePro) edit: keeping them in floating point
+//!   keeps an erasure baked into a bundle the computed one (to f16 rounding), and keeps erasure files applicable
+//!   to a quantized model (their base hashes are taken over f16-rounded values, so an f16 copy hashes the same).
+//!   In SD-1.5 they are 2.2 % of the UNet's values.
 //! - **f16**: everything else: norms, biases, the token and position embeddings, convolutions whose input
 //!   channels are not a multiple of 32 (the UNet's and VAE's 4-channel `conv_in`/`conv_out`… ).
 //!
@@ -95,6 +96,7 @@ impl std::str::FromStr for Quant {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Storage {
     Quantized,
+    /// Never quantized because erasures edit it (stored in f16 like [`Storage::F16`]).
     Exact,
     F16,
 }
@@ -151,12 +153,12 @@ pub fn quantize_module<M: ModuleSnapshot>(module: &M, quant: Quant) -> Result<(V
                                        bytes: scales.iter().flat_map(|s| s.to_le_bytes()).collect() });
                 out.push(OwnedTensor { name, dtype, shape: q_shape, bytes });
             }
-            (Storage::Exact, _) => {
-                counts.exact += values.len();
-                out.push(OwnedTensor::f32(name, shape, &values));
-            }
-            _ => {
-                counts.f16 += values.len();
+            (storage, _) => {
+                if storage == Storage::Exact {
+                    counts.exact += values.len();
+                } else {
+                    counts.f16 += values.len();
+                }
                 out.push(OwnedTensor { name, dtype: Dtype::F16, shape,
                                        bytes: values.iter().flat_map(|&x| f16::from_f32(x).to_le_bytes()).collect() });
             }
@@ -267,11 +269,13 @@ fn dtype_of(s: &str) -> Option<(Dtype, u64)> {
     })
 }
 
-/// Streams `path`: header, then every tensor in file order, hashing each byte read. Returns the parsed metadata,
-/// the tensors (name → (dtype, shape, bytes)) and the file's SHA-256. Every offset and size is checked against the
+/// Streams `path`: header, then every tensor in file order (each handed to `on_tensor` as soon as it is read, so
+/// only one raw tensor is held at a time), hashing each byte read; `on_meta` sees the metadata before any tensor.
+/// Returns the file's SHA-256, after comparing it with `expect`. Every offset and size is checked against the
 /// file's real length before anything is allocated.
-fn read_all(path: &Path, expect: Option<&Expected>)
-    -> Result<(HashMap<String, String>, Vec<(Entry, Vec<u8>)>, String)> {
+fn read_all(path: &Path, expect: Option<&Expected>,
+            on_meta: &mut dyn FnMut(&HashMap<String, String>) -> Result<()>,
+            on_tensor: &mut dyn FnMut(Entry, Vec<u8>) -> Result<()>) -> Result<String> {
     let corrupt = |m: String| Error::CorruptWeights { file: path.to_path_buf(), message: m };
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
@@ -323,19 +327,19 @@ fn read_all(path: &Path, expect: Option<&Expected>)
     if 8 + n + at != size {
         return Err(corrupt(format!("the tensors end at byte {} but the file has {size}", 8 + n + at)));
     }
-    let mut tensors = Vec::with_capacity(entries.len());
+    on_meta(&meta)?;
     for e in entries {
         let mut bytes = vec![0u8; (e.end - e.start) as usize];
         file.read_exact(&mut bytes).map_err(|err| Error::io(path, err))?;
         hasher.update(&bytes);
-        tensors.push((e, bytes));
+        on_tensor(e, bytes)?;
     }
     let digest = format!("{:x}", hasher.finalize());
     if let Some(e) = expect && e.sha256 != digest {
         return Err(Error::Bundle { file: path.to_path_buf(),
                                    message: "its SHA-256 does not match the manifest (altered or swapped)".into() });
     }
-    Ok((meta, tensors, digest))
+    Ok(digest)
 }
 
 /// Float bytes of `dtype` as `precision`.
@@ -386,56 +390,64 @@ pub fn is_quantized_file(path: &Path) -> bool {
 /// module is untouched. Quantized tensors must be where the rule puts them, with a well-formed scale tensor.
 pub fn load_component<M: ModuleSnapshot>(module: &mut M, component: &str, path: &Path, precision: Precision,
                                          expect: Option<&Expected>) -> Result<Loaded> {
-    let (meta, tensors, sha256) = read_all(path, expect)?;
     let corrupt = |m: String| Error::CorruptWeights { file: path.to_path_buf(), message: m };
-    let quant = match meta.get("format").map(String::as_str) {
-        Some(FORMAT) => {
-            if meta.get("version").map(String::as_str) != Some(VERSION)
-                || meta.get("block").map(String::as_str) != Some("32") {
-                return Err(corrupt(format!("not a version-{VERSION} {FORMAT} file with blocks of {BLOCK}")));
-            }
-            Some(meta.get("quant").and_then(|q| q.parse::<Quant>().ok())
-                .ok_or_else(|| corrupt("metadata names no known quantization".into()))?)
-        }
-        _ => None,
-    };
     let mut scales: HashMap<String, (Vec<usize>, Vec<u8>)> = HashMap::new();
     let mut pending: HashMap<String, (Entry, Vec<u8>)> = HashMap::new();
-    let mut packs = Vec::with_capacity(tensors.len());
+    let mut packs = Vec::new();
     let component_prefix = |name: &str| if component == "text_encoder" && !name.starts_with("text_model.") {
         format!("text_model.{name}")
     } else {
         name.to_string()
     };
-    for (e, bytes) in tensors {
+    // The metadata (read before the first tensor) says whether and how the file is quantized.
+    let quant_cell = std::cell::Cell::new(None::<Quant>);
+    let mut on_meta = |meta: &HashMap<String, String>| -> Result<()> {
+        if meta.get("format").map(String::as_str) == Some(FORMAT) {
+            if meta.get("version").map(String::as_str) != Some(VERSION)
+                || meta.get("block").map(String::as_str) != Some("32") {
+                return Err(corrupt(format!("not a version-{VERSION} {FORMAT} file with blocks of {BLOCK}")));
+            }
+            quant_cell.set(Some(meta.get("quant").and_then(|q| q.parse::<Quant>().ok())
+                .ok_or_else(|| corrupt("metadata names no known quantization".into()))?));
+        }
+        Ok(())
+    };
+    let mut on_tensor = |e: Entry, bytes: Vec<u8>| -> Result<()> {
+        let quant = quant_cell.get();
         if let Some(base) = e.name.strip_suffix(SCALE_SUFFIX) {
             if quant.is_none() || e.dtype != Dtype::F16 {
                 return Err(corrupt(format!("{}: a scale tensor must be F16 in a {FORMAT} file", e.name)));
             }
             let base = base.to_string();
-            scales.insert(base.clone(), (e.shape, bytes));
-            if let Some((d, b)) = pending.remove(&base) {
-                let (s_shape, s_bytes) = scales.remove(&base).unwrap_or_default();
-                packs.push(quantized_pack(component_prefix(&base), d, b, &s_shape, &s_bytes, quant, path)?);
+            match pending.remove(&base) {
+                Some((d, b)) => packs.push(quantized_pack(component_prefix(&base), d, b, &e.shape, &bytes, quant, path)?),
+                None => {
+                    scales.insert(base, (e.shape, bytes));
+                }
             }
-            continue;
+            return Ok(());
         }
-        let quantized_dtype = matches!(e.dtype, Dtype::I8 | Dtype::U8);
-        if quantized_dtype {
+        if matches!(e.dtype, Dtype::I8 | Dtype::U8) {
             if quant.is_none() {
                 return Err(corrupt(format!("{}: integer weights outside a {FORMAT} file", e.name)));
             }
-            if let Some((s_shape, s_bytes)) = scales.remove(&e.name) {
-                let name = component_prefix(&e.name);
-                packs.push(quantized_pack(name, e, bytes, &s_shape, &s_bytes, quant, path)?);
-            } else {
-                pending.insert(e.name.clone(), (e, bytes));
+            match scales.remove(&e.name) {
+                Some((s_shape, s_bytes)) => {
+                    let name = component_prefix(&e.name);
+                    packs.push(quantized_pack(name, e, bytes, &s_shape, &s_bytes, quant, path)?);
+                }
+                None => {
+                    pending.insert(e.name.clone(), (e, bytes));
+                }
             }
-            continue;
+            return Ok(());
         }
         let name = component_prefix(&e.name);
         packs.push(burn::store::bridge::from_data(float_data(e.dtype, &bytes, e.shape, precision), name, None));
-    }
+        Ok(())
+    };
+    let sha256 = read_all(path, expect, &mut on_meta, &mut on_tensor)?;
+    let quant = quant_cell.get();
     if let Some(name) = pending.keys().chain(scales.keys()).next() {
         return Err(corrupt(format!("{name}: quantized data without its {SCALE_SUFFIX} tensor, or the reverse")));
     }

@@ -103,5 +103,19 @@ fun main() = runBlocking {
     Engine(config).use { engine ->
         expect<UnseeException.InvalidRequest> { engine.generate(request(steps = 0), null, null) }
     }
+
+    // Guarded mode: a signed bundle (built by the Rust side of the test) with its trusted key.
+    val bundle = System.getenv("UNSEE_BUNDLE") ?: error("UNSEE_BUNDLE not set")
+    val trusted = File(System.getenv("UNSEE_BUNDLE_KEY")).readText()
+    val other = File(System.getenv("UNSEE_OTHER_KEY")).readText()
+    val guarded = EngineConfig(modelPath = bundle, device = DeviceKind.CPU, precision = Precision.F32,
+                               trustedKeys = listOf(trusted), requiredConcepts = listOf("red circle"))
+    Unsee(guarded).use { unsee ->
+        val image = unsee.generate(request())
+        check(image.rgba.size == image.width * image.height * 4) { "guarded image $image" }
+    }
+    expect<UnseeException.BundleRefused> { Engine(guarded.copy(trustedKeys = listOf(other))) }
+    expect<UnseeException.GuardViolation> { Engine(guarded.copy(requiredConcepts = listOf("dog"))) }
+    expect<UnseeException.GuardViolation> { Engine(guarded.copy(textEncoderPath = tiny)) }
     println("Kotlin bindings test: OK")
 }

@@ -177,6 +177,51 @@ class EngineTest(unittest.TestCase):
         self.assertEqual(results, [want] * 3)
 
 
+class GuardTest(unittest.TestCase):
+    """A signed int8 bundle (built by the Rust side of the test) in guarded mode."""
+
+    BUNDLE = os.environ["UNSEE_BUNDLE"]
+
+    @staticmethod
+    def key(var="UNSEE_BUNDLE_KEY"):
+        with open(os.environ[var]) as f:
+            return f.read()
+
+    def guarded(self, **kw):
+        return config(model=self.BUNDLE, trusted_keys=[self.key()], **kw)
+
+    def test_guarded_bundle_loads_and_generates(self):
+        engine = Engine(self.guarded(required_concepts=["Red Circle"]))
+        img = engine.generate(request(), None, None)
+        self.assertEqual(len(img.rgba), img.width * img.height * 4)
+
+    def test_untrusted_key_is_refused(self):
+        with self.assertRaises(UnseeError.BundleRefused) as cm:
+            Engine(config(model=self.BUNDLE, trusted_keys=[self.key("UNSEE_OTHER_KEY")]))
+        self.assertIn("minisig", str(cm.exception))
+
+    def test_guard_violations(self):
+        with self.assertRaises(UnseeError.GuardViolation):
+            Engine(self.guarded(required_concepts=["dog"]))
+        with self.assertRaises(UnseeError.GuardViolation):
+            Engine(self.guarded(text_encoder_path=TINY))
+        with self.assertRaises(UnseeError.GuardViolation):
+            Engine(config(model=TINY, trusted_keys=[self.key()]))
+        engine = Engine(self.guarded())
+        with self.assertRaises(UnseeError.GuardViolation):
+            engine.erase(SPEC, None)
+
+    def test_tampered_bundle_is_refused_naming_the_file(self):
+        copy = os.path.join(TMP, "tampered-bundle")
+        shutil.copytree(self.BUNDLE, copy)
+        path = os.path.join(copy, "vae", "config.json")
+        with open(path, "a") as f:
+            f.write(" ")
+        with self.assertRaises(UnseeError.BundleRefused) as cm:
+            Engine(config(model=copy, trusted_keys=[self.key()]))
+        self.assertIn("vae/config.json", str(cm.exception))
+
+
 class ErrorTest(unittest.TestCase):
     def test_model_not_found(self):
         with self.assertRaises(UnseeError.ModelNotFound) as cm:

@@ -39,10 +39,13 @@ struct ContentView: View {
 
     private func load() async {
         do {
-            let model = Bundle.main.resourceURL!.appendingPathComponent("shapes-sd").path
-            let erasures = (Bundle.main.urls(forResourcesWithExtension: "safetensors", subdirectory: "erasures") ?? [])
-                .map(\.path).sorted()
-            let config = EngineConfig(modelPath: model, erasurePaths: erasures, device: .auto, precision: .f32)
+            // Guarded: only a bundle signed by the key the app ships with loads, every file is checked against its
+            // manifest as it is read, and the bundle must erase "red circle".
+            let bundle = Bundle.main.resourceURL!.appendingPathComponent("sample-bundle").path
+            let trusted = try String(contentsOf: Bundle.main.url(forResource: "sample", withExtension: "pub")!,
+                                     encoding: .utf8)
+            let config = EngineConfig(modelPath: bundle, device: .auto, precision: .f32,
+                                      trustedKeys: [trusted], requiredConcepts: ["red circle"])
             engine = try await Task.detached { try UnseeEngine(config: config) }.value
             status = "ready on \((try? engine?.info().device) ?? "?")"
         } catch {

@@ -79,11 +79,12 @@ fun UnseeScreen(context: Context) {
     LaunchedEffect(Unit) {
         unsee = withContext(Dispatchers.IO) {
             try {
-                val model = unpack(context, "model")
-                val erasures = unpack(context, "erasures").listFiles().orEmpty()
-                    .filter { it.name.endsWith(".safetensors") }.map { it.path }.sorted()
-                Unsee(EngineConfig(modelPath = model.path, erasurePaths = erasures,
-                                   device = DeviceKind.AUTO, precision = Precision.F32))
+                // Guarded: only a bundle signed by the key the app ships with loads, every file is checked against
+                // its manifest as it is read, and the bundle must erase "red circle".
+                val bundle = unpack(context, "bundle")
+                val trusted = context.assets.open("trusted.pub").bufferedReader().use { it.readText() }
+                Unsee(EngineConfig(modelPath = bundle.path, device = DeviceKind.AUTO, precision = Precision.F32,
+                                   trustedKeys = listOf(trusted), requiredConcepts = listOf("red circle")))
             } catch (e: UnseeException) {
                 status = "could not load: ${e.message}"
                 null

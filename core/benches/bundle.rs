@@ -1,0 +1,252 @@
+//! Quantized bundles against the f32 model they were built from, measured in the same run (#14).
+//!
+//! 1. **Shapes world** (`models/shapes-sd`, CPU): oracle shape/colour accuracy of the f32 model and of its f16,
+//!    int8 and int4 bundles; then the erasure table (UCE, circle → square and red → blue): the erasure computed on
+//!    the f32 model, measured on the f32 model and on bundles built with it baked in.
+//! 2. **Full-size SD-1.5** (random weights from `models/sd15-config`, written once to `$UNSEE_BUNDLE_DIR`, default
+//!    a temp folder; `UNSEE_BUNDLE_FULL=0` skips it): bundle sizes, and one `generate` per variant in its own
+//!    process (the same prompt, seed, size and DDIM steps): peak RSS, seconds per CFG step, and the final latents'
+//!    PSNR and cosine against the f32 run.
+//!
+//! ```text
+//! cargo bench --profile dev --bench bundle     # UNSEE_SHAPES_N (4), UNSEE_BUNDLE_SIZE (512), UNSEE_BUNDLE_STEPS (10)
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use unsee::bundle::BuildOptions;
+use unsee::device::{DeviceChoice, select};
+use unsee::engine::{Engine, EngineOptions};
+use unsee::erase::spec::Method;
+use unsee::load::{LoadOptions, StableDiffusion};
+use unsee::pipeline::{Control, GenerateRequest, Inputs, Target};
+use unsee::quant::Quant;
+use unsee::shapes::eval::{Erasure, Measure, Row, Settings, baseline, measure_model, quality};
+use unsee::weights::Precision;
+
+fn env<T: std::str::FromStr>(k: &str, d: T) -> T {
+    std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status").ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_string))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
+        .map(|kb| kb / 1024.0).unwrap_or(f64::NAN)
+}
+
+fn cpu() -> unsee::device::SelectedDevice {
+    select(DeviceChoice::Cpu, Precision::F32).unwrap()
+}
+
+fn engine(model: &Path) -> Engine {
+    Engine::open(&EngineOptions { model: model.to_path_buf(), device: DeviceChoice::Cpu, ..EngineOptions::default() })
+        .unwrap()
+}
+
+fn build(e: &Engine, q: Quant, out: &Path) -> u64 {
+    let _ = std::fs::remove_dir_all(out);
+    let m = e.build_bundle(&BuildOptions { quant: q, sign: None, creator: "bench".into() }, out, &mut |_, _, _| {})
+        .unwrap();
+    m.resources.iter().map(|r| r.size).sum()
+}
+
+fn dir_bytes(d: &Path) -> u64 {
+    std::fs::read_dir(d).unwrap().map(|e| {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() { dir_bytes(&e.path()) } else { e.metadata().unwrap().len() }
+    }).sum()
+}
+
+const QUANTS: [Quant; 3] = [Quant::F16, Quant::Int8, Quant::Int4];
+
+fn shapes(tmp: &Path) {
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let model = repo.join("models/shapes-sd");
+    let s = Settings { n: env("UNSEE_SHAPES_N", 4), steps: 20, guidance: 4.0 };
+    println!("## shapes world: {} images per prompt, 20 DDIM steps, guidance 4\n", s.n);
+    println!("| model | weights MB | seen pairs: shape / colour / both % | held-out pairs: shape / colour / both % |");
+    println!("|---|---|---|---|");
+    let base = StableDiffusion::load(&model, cpu(), &LoadOptions::default()).unwrap();
+    let e = engine(&model);
+    let row = |name: &str, mb: f64, sd: &StableDiffusion| {
+        let (seen, held) = quality(sd, &s).unwrap();
+        let p = |a: usize, n: usize| 100.0 * a as f64 / n.max(1) as f64;
+        println!("| {name} | {mb:.1} | {:.1} / {:.1} / {:.1} | {:.1} / {:.1} / {:.1} |",
+                 p(seen.shape, seen.images), p(seen.colour, seen.images), p(seen.both, seen.images),
+                 p(held.shape, held.images), p(held.colour, held.images), p(held.both, held.images));
+    };
+    let f32_bytes: u64 = ["text_encoder", "unet", "vae"].iter().map(|c| dir_bytes(&model.join(c))).sum();
+    row("shapes-sd (as shipped, loaded in f32)", f32_bytes as f64 / 1e6, &base);
+    for q in QUANTS {
+        let dir = tmp.join(format!("shapes-{}", q.name()));
+        let bytes = build(&e, q, &dir);
+        let sd = StableDiffusion::load(&dir, cpu(), &LoadOptions::default()).unwrap();
+        row(&format!("bundle {}", q.name()), bytes as f64 / 1e6, &sd);
+    }
+    println!("\n{}", Row::HEADER);
+    let what = Measure { specificity: true, attacks: true };
+    for erasure in Erasure::standard().into_iter().take(2) {
+        let spec = erasure.spec(Method::Uce).unwrap();
+        let base_line = baseline(&base, &erasure, &s, what).unwrap();
+        let mut erased = engine(&model);
+        erased.erase(&spec, None).unwrap();
+        let r = measure_model(&base, &erasure, erased.model(), "uce, f32", &s, &base_line, what).unwrap();
+        println!("{}", r.markdown());
+        for q in QUANTS {
+            let dir = tmp.join(format!("shapes-uce-{}", q.name()));
+            build(&erased, q, &dir);
+            let sd = StableDiffusion::load(&dir, cpu(), &LoadOptions::default()).unwrap();
+            let r = measure_model(&base, &erasure, &sd, &format!("uce, bundle {}", q.name()), &s, &base_line, what)
+                .unwrap();
+            println!("{}", r.markdown());
+        }
+    }
+    println!();
+}
+
+/// Writes a random full-size SD-1.5 diffusers folder (burn's initialisers, seeded by burn's RNG).
+fn write_random_sd15(dir: &Path) {
+    use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, SafetensorsStore};
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let cfg = repo.join("models/sd15-config");
+    let d = cpu();
+    let dev = &d.device;
+    for (c, f) in [("text_encoder", "config.json"), ("unet", "config.json"), ("vae", "config.json"),
+                   ("scheduler", "scheduler_config.json")] {
+        std::fs::create_dir_all(dir.join(c)).unwrap();
+        std::fs::copy(cfg.join(c).join(f), dir.join(c).join(f)).unwrap();
+    }
+    std::fs::create_dir_all(dir.join("tokenizer")).unwrap();
+    for e in std::fs::read_dir(repo.join("models/shapes-sd/tokenizer")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.join("tokenizer").join(e.file_name())).unwrap();
+    }
+    fn save<M: ModuleSnapshot>(m: &M, path: &Path) {
+        let mut store = SafetensorsStore::from_file(path).with_to_adapter(BurnToPyTorchAdapter).metadata("format", "pt")
+            .skip_enum_variants(true);
+        m.save_into(&mut store).unwrap();
+    }
+    let tcfg = unsee::model::read_config(&cfg, "text_encoder", "config.json").unwrap();
+    save(&unsee::clip::CLIPTextModel::new(&tcfg, dev).unwrap(), &dir.join("text_encoder/model.safetensors"));
+    let ucfg = unsee::model::read_config(&cfg, "unet", "config.json").unwrap();
+    save(&unsee::unet::UNet2DConditionModel::new(&ucfg, dev).unwrap(),
+         &dir.join("unet/diffusion_pytorch_model.safetensors"));
+    let vcfg = unsee::model::read_config(&cfg, "vae", "config.json").unwrap();
+    save(&unsee::vae::AutoencoderKL::new(&vcfg, dev).unwrap(), &dir.join("vae/diffusion_pytorch_model.safetensors"));
+}
+
+/// The child: one generate, then a JSON line on stdout.
+fn child(model: &Path, size: usize, steps: usize, latents_out: &Path) {
+    let t = Instant::now();
+    let e = engine(model);
+    let load_s = t.elapsed().as_secs_f64();
+    let rss_loaded = peak_rss_mib();
+    let req = GenerateRequest { prompt: "a photograph of an astronaut riding a horse".into(), steps, guidance: 7.5,
+                                seed: 7, width: Some(size), height: Some(size), ..GenerateRequest::default() };
+    let g = e.generate(&req, Inputs::default(), &mut |_| Control::Continue, Target::Rgba);
+    let (decoded, g) = match g {
+        Ok(g) => (true, g),
+        // Random full-size VAE weights can overflow; the denoising numbers stand without the decode.
+        Err(unsee::Error::NonFiniteOutput(_)) => {
+            (false, e.generate(&req, Inputs::default(), &mut |_| Control::Continue, Target::Latents).unwrap())
+        }
+        Err(err) => panic!("{err}"),
+    };
+    let v = unsee::tensor::to_f32_vec(g.latents).unwrap();
+    std::fs::write(latents_out, v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+    let mut steps_s = g.timings.steps_s.clone();
+    steps_s.sort_by(f64::total_cmp);
+    println!("{}", serde_json::json!({
+        "load_s": load_s, "step_s": steps_s[steps_s.len() / 2], "encode_s": g.timings.encode_s,
+        "decode_s": g.timings.decode_s, "decoded": decoded, "rss_loaded_mib": rss_loaded, "peak_rss_mib": peak_rss_mib(),
+    }));
+}
+
+fn read_latents(p: &Path) -> Vec<f32> {
+    std::fs::read(p).unwrap().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+}
+
+fn full_size(tmp: &Path) {
+    let dir = std::env::var("UNSEE_BUNDLE_DIR").map(PathBuf::from).unwrap_or_else(|_| tmp.join("sd15"));
+    let model = dir.join("sd15-random");
+    if !model.join("unet/diffusion_pytorch_model.safetensors").is_file() {
+        let t = Instant::now();
+        write_random_sd15(&model);
+        eprintln!("wrote the random SD-1.5 in {:.0}s", t.elapsed().as_secs_f64());
+    }
+    let (size, steps) = (env("UNSEE_BUNDLE_SIZE", 512usize), env("UNSEE_BUNDLE_STEPS", 10usize));
+    let mut variants = vec![("f32 folder".to_string(), model.clone(), dir_bytes(&model))];
+    {
+        let e = engine(&model);
+        for q in QUANTS {
+            let out = dir.join(format!("sd15-{}", q.name()));
+            let t = Instant::now();
+            let bytes = if unsee::bundle::is_bundle(&out) { dir_bytes(&out) } else { build(&e, q, &out) };
+            eprintln!("bundle {}: {:.0}s", q.name(), t.elapsed().as_secs_f64());
+            variants.push((format!("bundle {}", q.name()), out, bytes));
+        }
+        drop(e);
+    }
+    println!("## full-size SD-1.5 (random weights), CPU, {size}², {steps} DDIM steps, guidance 7.5, one process each\n");
+    println!("| weights | size MB | size ratio | peak RSS MiB | RSS ratio | RSS after load MiB | s / CFG step | step ratio \
+              | latent PSNR dB | latent cosine |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let exe = std::env::current_exe().unwrap();
+    let mut reference: Option<(Vec<f32>, f64, f64, u64)> = None;
+    for (name, path, bytes) in variants {
+        let lat = dir.join(format!("{}.latents", name.replace(' ', "-")));
+        let out = std::process::Command::new(&exe)
+            .args(["--child", path.to_str().unwrap(), &size.to_string(), &steps.to_string(), lat.to_str().unwrap()])
+            .stderr(std::process::Stdio::inherit()).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let Some(line) = text.lines().rfind(|l| l.starts_with('{')) else {
+            println!("| {name} | {:.0} | | child failed: {} | | | | | | |", bytes as f64 / 1e6, out.status);
+            continue;
+        };
+        let j: serde_json::Value = serde_json::from_str(line).unwrap();
+        let (rss, step, loaded) = (j["peak_rss_mib"].as_f64().unwrap(), j["step_s"].as_f64().unwrap(),
+                                   j["rss_loaded_mib"].as_f64().unwrap());
+        let v = read_latents(&lat);
+        let (psnr, cos) = match &reference {
+            None => (f64::INFINITY, 1.0),
+            Some((r, ..)) => {
+                let mse = r.iter().zip(&v).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>() / r.len() as f64;
+                let peak = r.iter().fold(0f64, |m, x| m.max(x.abs() as f64));
+                let dot: f64 = r.iter().zip(&v).map(|(a, b)| *a as f64 * *b as f64).sum();
+                let n = |x: &[f32]| x.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt();
+                (10.0 * (peak * peak / mse).log10(), dot / (n(r) * n(&v)))
+            }
+        };
+        let (r_rss, r_step, r_bytes) = reference.as_ref().map_or((rss, step, bytes), |r| (r.1, r.2, r.3));
+        println!("| {name}{} | {:.0} | {:.2} | {rss:.0} | {:.2} | {loaded:.0} | {step:.2} | {:.2} | {} | {cos:.5} |",
+                 if j["decoded"] == false { " (no VAE decode: random VAE overflowed)" } else { "" },
+                 bytes as f64 / 1e6, bytes as f64 / r_bytes as f64, rss / r_rss, step / r_step,
+                 if psnr.is_finite() { format!("{psnr:.1}") } else { "–".into() });
+        if reference.is_none() {
+            reference = Some((v, rss, step, bytes));
+        }
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--list") {
+        return;
+    }
+    if let Some(k) = args.iter().position(|a| a == "--child") {
+        let a = &args[k + 1..];
+        child(Path::new(&a[0]), a[1].parse().unwrap(), a[2].parse().unwrap(), Path::new(&a[3]));
+        return;
+    }
+    let tmp = std::env::temp_dir().join(format!("unsee-bundle-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    if env("UNSEE_BUNDLE_SHAPES", 1) != 0 {
+        shapes(&tmp);
+    }
+    if env("UNSEE_BUNDLE_FULL", 1) != 0 {
+        full_size(&tmp);
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+}
