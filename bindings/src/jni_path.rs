@@ -26,6 +26,8 @@ fn kind(e: &UnseeError) -> &'static str {
         UnseeError::InvalidRequest(_) => "InvalidRequest",
         UnseeError::Cancelled(_) => "Cancelled",
         UnseeError::Io(_) => "Io",
+        UnseeError::BundleRefused(_) => "BundleRefused",
+        UnseeError::GuardViolation(_) => "GuardViolation",
         UnseeError::Internal(_) => "Internal",
     }
 }

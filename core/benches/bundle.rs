@@ -9,7 +9,8 @@
 //!    PSNR and cosine against the f32 run.
 //!
 //! ```text
-//! cargo bench --profile dev --bench bundle     # UNSEE_SHAPES_N (4), UNSEE_BUNDLE_SIZE (512), UNSEE_BUNDLE_STEPS (10)
+//! cargo bench --profile dev --bench bundle     # UNSEE_SHAPES_N (4), UNSEE_BUNDLE_SIZE (512), UNSEE_BUNDLE_STEPS (10),
+//!                                              # UNSEE_BUNDLE_ATTACKS=1 adds the composition/embedding attacks
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -81,12 +82,13 @@ fn shapes(tmp: &Path) {
     row("shapes-sd (as shipped, loaded in f32)", f32_bytes as f64 / 1e6, &base);
     for q in QUANTS {
         let dir = tmp.join(format!("shapes-{}", q.name()));
-        let bytes = build(&e, q, &dir);
+        build(&e, q, &dir);
+        let bytes: u64 = ["text_encoder", "unet", "vae"].iter().map(|c| dir_bytes(&dir.join(c))).sum();
         let sd = StableDiffusion::load(&dir, cpu(), &LoadOptions::default()).unwrap();
         row(&format!("bundle {}", q.name()), bytes as f64 / 1e6, &sd);
     }
     println!("\n{}", Row::HEADER);
-    let what = Measure { specificity: true, attacks: true };
+    let what = Measure { specificity: true, attacks: env("UNSEE_BUNDLE_ATTACKS", 0) != 0 };
     for erasure in Erasure::standard().into_iter().take(2) {
         let spec = erasure.spec(Method::Uce).unwrap();
         let base_line = baseline(&base, &erasure, &s, what).unwrap();
@@ -242,11 +244,11 @@ fn main() {
     }
     let tmp = std::env::temp_dir().join(format!("unsee-bundle-bench-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
-    if env("UNSEE_BUNDLE_SHAPES", 1) != 0 {
-        shapes(&tmp);
-    }
     if env("UNSEE_BUNDLE_FULL", 1) != 0 {
         full_size(&tmp);
+    }
+    if env("UNSEE_BUNDLE_SHAPES", 1) != 0 {
+        shapes(&tmp);
     }
     let _ = std::fs::remove_dir_all(&tmp);
 }

@@ -125,6 +125,42 @@ fn txt2img_is_the_engines_image_and_the_guard_holds() {
     server.stop().unwrap();
 }
 
+/// A signed bundle served by a guarded engine: the page's endpoint says it is guarded and lists the baked erasure,
+/// txt2img draws no circle, and an unguarded base model beside it is refused.
+#[test]
+fn a_guarded_bundle_is_served() {
+    let file = circle_erasure("bundle");
+    let dir = common::tmp_dir("serve", "bundle-out");
+    let (key, public) = unsee::bundle::keygen(&dir.join("k"), None).unwrap();
+    let bundle = dir.join("bundle");
+    let opts = unsee::bundle::BuildOptions { quant: unsee::quant::Quant::Int8, sign: Some((key, None)),
+                                             creator: "serve test".into() };
+    engine(vec![file]).build_bundle(&opts, &bundle, &mut |_, _, _| {}).unwrap();
+    let open = || Engine::open(&EngineOptions {
+        model: bundle.clone(), device: DeviceChoice::Cpu,
+        guard: Some(unsee::engine::Guard { trusted_keys: vec![std::fs::read_to_string(&public).unwrap()],
+                                           required_concepts: vec!["red circle".into()] }),
+        ..Default::default()
+    }).unwrap();
+    match start(open(), Some(engine(vec![])), "127.0.0.1:0".parse().unwrap(), &ServeOptions::default()) {
+        Err(unsee::Error::GuardViolation(_)) => {}
+        other => panic!("expected a guard violation, got {:?}", other.map(|_| ())),
+    }
+    let server = serve(open(), None, ServeOptions::default());
+    let e = get(server.addr, "/v1/erasures").json();
+    assert_eq!(e["guarded"], true);
+    assert!(e["signer"].as_str().is_some());
+    assert_eq!(e["erasures"][0]["baked"], true);
+    assert_eq!(e["erasures"][0]["concepts"][0], "red circle");
+    let r = post(server.addr, "/sdapi/v1/txt2img", &json!({"prompt": "an image of a red circle", "steps": 20,
+                                                           "cfg_scale": 4, "seed": 5, "sampler_name": "DDIM"}));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let (rgba, w, h) = png_rgba(&r.json()["images"][0]);
+    let found = shapes(&rgba, w, h);
+    assert!(!found.is_empty() && !found.contains(&Shape::Circle), "the guarded bundle drew {found:?}");
+    server.stop().unwrap();
+}
+
 fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     let t = Instant::now();
     while !f() {

@@ -10,6 +10,9 @@ use unsee::serve::{ServeOptions, start};
 pub struct Args {
     #[command(flatten)]
     model: ModelArgs,
+    /// Serve this bundle (`unsee bundle build`); with --trust KEY.pub the engine is guarded (same as --model).
+    #[arg(long, conflicts_with = "model")]
+    bundle: Option<std::path::PathBuf>,
     /// Address to listen on. Loopback by default; any other address exposes the model to the network.
     #[arg(long, default_value = "127.0.0.1:7860")]
     addr: SocketAddr,
@@ -29,6 +32,11 @@ pub fn run(a: Args) -> Result<()> {
     if !a.addr.ip().is_loopback() {
         tracing::warn!("listening on {} (not loopback): anyone who can reach this address can use the model", a.addr);
     }
+    let mut model = a.model.clone();
+    if let Some(b) = &a.bundle {
+        model.model = Some(b.clone());
+    }
+    let a = Args { model, ..a };
     let engine = a.model.open()?;
     let base = if a.compare_base { Some(a.model.base().open()?) } else { None };
     let opts = ServeOptions { queue: a.queue, max_body_bytes: a.max_body_bytes };

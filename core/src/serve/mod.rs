@@ -60,6 +60,9 @@ struct Guard {
     native_size: (usize, usize),
     /// A base model (no erasures, its own text encoder) is loaded alongside for before/after views.
     compare: bool,
+    /// The engine is guarded: a signed bundle, checked against the trusted key (its key id in `signer`).
+    guarded: bool,
+    signer: Option<String>,
 }
 
 /// The job the worker runs now.
@@ -184,7 +187,12 @@ pub fn start(engine: Engine, base: Option<Engine>, addr: SocketAddr, opts: &Serv
         erasures: info.erasures,
         native_size: sd.image_size(&req)?,
         compare: base.is_some(),
+        guarded: info.guarded,
+        signer: info.signer.clone(),
     };
+    if info.guarded && base.is_some() {
+        return Err(Error::GuardViolation("a guarded engine is not served beside an unguarded base model".into()));
+    }
 
     let (jobs, queue) = mpsc::channel(opts.queue);
     let (events, _) = broadcast::channel(256);

@@ -20,7 +20,7 @@ async function getJSON(url, options) {
 
 function showGuard(g) {
   state.guard = g;
-  $("model").textContent = g.model;
+  $("model").textContent = g.guarded ? `${g.model} (signed bundle, guarded: key ${g.signer})` : g.model;
   const list = $("filter");
   list.replaceChildren();
   for (const e of g.erasures) {
@@ -31,7 +31,7 @@ function showGuard(g) {
       const m = document.createElement("span");
       m.className = "method";
       const file = e.source ? e.source.split(/[\\/]/).pop() : "computed in this session";
-      m.textContent = `${e.method}, ${file}`;
+      m.textContent = `${e.method}, ${file}${e.baked ? ", baked into the bundle" : ""}`;
       li.appendChild(m);
       list.appendChild(li);
     });
