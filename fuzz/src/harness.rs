@@ -13,7 +13,7 @@ use unsee::vae::{AutoencoderKL, VaeConfig};
 use unsee::weights::{MappedSafetensors, Precision, TensorSource, load_module};
 
 /// The targets, by name (the names of `fuzz/fuzz_targets/*.rs` and `fuzz/corpus/*`).
-pub const TARGETS: [(&str, fn(&[u8])); 8] = [
+pub const TARGETS: [(&str, fn(&[u8])); 10] = [
     ("safetensors_load", safetensors_load),
     ("compvis", compvis),
     ("config", config),
@@ -22,6 +22,8 @@ pub const TARGETS: [(&str, fn(&[u8])); 8] = [
     ("tokenizer", tokenizer),
     ("latents", latents),
     ("http_body", http_body),
+    ("quantized_component", quantized_component),
+    ("bundle_manifest", bundle_manifest),
 ];
 
 fn tiny() -> &'static Path {
@@ -132,4 +134,22 @@ pub fn http_body(data: &[u8]) {
     {
         let _ = s.validate();
     }
+}
+
+/// A component file as a bundle's loader reads it (`unsee::quant::load_component`: streaming header and offset
+/// checks, `unsee-quantized` metadata, scale/data pairing, the rule, value and scale ranges), into the tiny VAE.
+pub fn quantized_component(data: &[u8]) {
+    let cfg: VaeConfig = read_json("vae/config.json");
+    let device = select(DeviceChoice::Cpu, Precision::F32).expect("cpu").device;
+    let mut vae = AutoencoderKL::new(&cfg, &device).expect("tiny vae");
+    let p = scratch("quantized.safetensors", data);
+    let _ = unsee::quant::load_component(&mut vae, "vae", &p, Precision::F32, None);
+}
+
+/// A bundle's `manifest.json` (beside one file, `a.txt` = "hello"), checked as `unsee bundle verify` does.
+pub fn bundle_manifest(data: &[u8]) {
+    let dir = scratch("bundle/a.txt", b"hello").parent().expect("bundle dir").to_path_buf();
+    let _ = std::fs::remove_file(dir.join("manifest.json.minisig"));
+    std::fs::write(dir.join("manifest.json"), data).expect("manifest");
+    let _ = unsee::bundle::open(&dir, &[], true);
 }
