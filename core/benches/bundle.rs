@@ -147,22 +147,27 @@ fn child(model: &Path, size: usize, steps: usize, latents_out: &Path) {
     let rss_loaded = peak_rss_mib();
     let req = GenerateRequest { prompt: "a photograph of an astronaut riding a horse".into(), steps, guidance: 7.5,
                                 seed: 7, width: Some(size), height: Some(size), ..GenerateRequest::default() };
-    let g = e.generate(&req, Inputs::default(), &mut |_| Control::Continue, Target::Rgba);
-    let (decoded, g) = match g {
-        Ok(g) => (true, g),
+    // Denoise, then decode separately: the peak RSS of each phase is reported.
+    let g = e.generate(&req, Inputs::default(), &mut |_| Control::Continue, Target::Latents).unwrap();
+    let rss_denoised = peak_rss_mib();
+    let (w, h) = e.model().image_size(&req).unwrap();
+    let mut rgba = vec![0u8; w * h * 4];
+    let t = Instant::now();
+    let decoded = match e.model().decode_rgba_into(g.latents.clone(), &mut rgba) {
+        Ok(_) => true,
         // Random full-size VAE weights can overflow; the denoising numbers stand without the decode.
-        Err(unsee::Error::NonFiniteOutput(_)) => {
-            (false, e.generate(&req, Inputs::default(), &mut |_| Control::Continue, Target::Latents).unwrap())
-        }
+        Err(unsee::Error::NonFiniteOutput(_)) => false,
         Err(err) => panic!("{err}"),
     };
+    let decode_s = t.elapsed().as_secs_f64();
     let v = unsee::tensor::to_f32_vec(g.latents).unwrap();
     std::fs::write(latents_out, v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
     let mut steps_s = g.timings.steps_s.clone();
     steps_s.sort_by(f64::total_cmp);
     println!("{}", serde_json::json!({
         "load_s": load_s, "step_s": steps_s[steps_s.len() / 2], "encode_s": g.timings.encode_s,
-        "decode_s": g.timings.decode_s, "decoded": decoded, "rss_loaded_mib": rss_loaded, "peak_rss_mib": peak_rss_mib(),
+        "decode_s": decode_s, "decoded": decoded, "rss_loaded_mib": rss_loaded, "rss_denoised_mib": rss_denoised,
+        "peak_rss_mib": peak_rss_mib(),
     }));
 }
 
@@ -192,9 +197,9 @@ fn full_size(tmp: &Path) {
         drop(e);
     }
     println!("## full-size SD-1.5 (random weights), CPU, {size}², {steps} DDIM steps, guidance 7.5, one process each\n");
-    println!("| weights | size MB | size ratio | peak RSS MiB | RSS ratio | RSS after load MiB | s / CFG step | step ratio \
-              | latent PSNR dB | latent cosine |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| weights | size MB | size ratio | peak RSS MiB | RSS ratio | peak RSS after load / denoising MiB \
+              | s / CFG step | step ratio | VAE decode s | latent PSNR dB | latent cosine |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let exe = std::env::current_exe().unwrap();
     let mut reference: Option<(Vec<f32>, f64, f64, u64)> = None;
     for (name, path, bytes) in variants {
@@ -210,6 +215,7 @@ fn full_size(tmp: &Path) {
         let j: serde_json::Value = serde_json::from_str(line).unwrap();
         let (rss, step, loaded) = (j["peak_rss_mib"].as_f64().unwrap(), j["step_s"].as_f64().unwrap(),
                                    j["rss_loaded_mib"].as_f64().unwrap());
+        let (denoised, decode) = (j["rss_denoised_mib"].as_f64().unwrap(), j["decode_s"].as_f64().unwrap());
         let v = read_latents(&lat);
         let (psnr, cos) = match &reference {
             None => (f64::INFINITY, 1.0),
@@ -222,8 +228,9 @@ fn full_size(tmp: &Path) {
             }
         };
         let (r_rss, r_step, r_bytes) = reference.as_ref().map_or((rss, step, bytes), |r| (r.1, r.2, r.3));
-        println!("| {name}{} | {:.0} | {:.2} | {rss:.0} | {:.2} | {loaded:.0} | {step:.2} | {:.2} | {} | {cos:.5} |",
-                 if j["decoded"] == false { " (no VAE decode: random VAE overflowed)" } else { "" },
+        println!("| {name}{} | {:.0} | {:.2} | {rss:.0} | {:.2} | {loaded:.0} / {denoised:.0} | {step:.2} | {:.2} \
+                  | {decode:.1} | {} | {cos:.5} |",
+                 if j["decoded"] == false { " (VAE output overflowed: random weights)" } else { "" },
                  bytes as f64 / 1e6, bytes as f64 / r_bytes as f64, rss / r_rss, step / r_step,
                  if psnr.is_finite() { format!("{psnr:.1}") } else { "–".into() });
         if reference.is_none() {
