@@ -309,7 +309,19 @@ impl Engine {
             return Err(Error::InvalidRequest(format!("{} exists (another export running?)", staging.display())));
         }
         self.bake(&staging)?;
-        let written = crate::compvis::write_checkpoint(&staging, &self.base.unet_config, &self.base.vae_config, out);
+        // The text encoder in use — replaced (`--text-encoder`) or hardened in this session — goes into the file, not
+        // the base folder's: the checkpoint is the model this engine draws with.
+        let replaced = self.opts.text_encoder.is_some() || self.hardened_from.is_some();
+        let te_swapped = if replaced {
+            let te_dir = staging.join("text_encoder");
+            std::fs::remove_dir_all(&te_dir).map_err(|e| Error::io(&te_dir, e))
+                .and_then(|_| self.save_text_encoder(&te_dir))
+        } else {
+            Ok(())
+        };
+        let written = te_swapped.and_then(|_| {
+            crate::compvis::write_checkpoint(&staging, &self.base.unet_config, &self.base.vae_config, out)
+        });
         let _ = std::fs::remove_dir_all(&staging);
         written
     }

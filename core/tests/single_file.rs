@@ -152,3 +152,28 @@ fn baked_single_file_loads_back_with_the_erasure() {
     assert!(engine.bake_single_file(&dir.join("model.ckpt")).is_err());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// With a replaced text encoder (the shipped robust one, a delta file) the single file carries that encoder, not the
+/// base folder's: loaded back, its text encoder hashes the same as the engine's.
+#[test]
+fn baked_single_file_carries_the_text_encoder_in_use() {
+    use unsee::engine::{Engine, EngineOptions};
+    use unsee::erase::matrices::text_encoder_hash_of;
+    let dir = std::env::temp_dir().join(format!("unsee-single-te-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let shapes = unsee::model::default_model_dir();
+    let robust = shapes.join("../robust/shapes-circle.safetensors");
+    let engine = Engine::open(&EngineOptions { device: DeviceChoice::Cpu, text_encoder: Some(robust),
+                                               ..Default::default() }).unwrap();
+    let base = Engine::open(&EngineOptions { device: DeviceChoice::Cpu, ..Default::default() }).unwrap();
+    let ckpt = dir.join("robust.safetensors");
+    engine.bake_single_file(&ckpt).unwrap();
+    let back = Engine::open(&EngineOptions { model: ckpt, config_dir: Some(shapes), device: DeviceChoice::Cpu,
+                                             ..Default::default() }).unwrap();
+    let (mine, theirs) = (text_encoder_hash_of(&engine.model().text_encoder),
+                          text_encoder_hash_of(&back.model().text_encoder));
+    assert_eq!(mine, theirs, "the checkpoint's text encoder is not the one in use");
+    assert_ne!(theirs, text_encoder_hash_of(&base.model().text_encoder));
+    std::fs::remove_dir_all(&dir).ok();
+}
