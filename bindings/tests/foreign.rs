@@ -19,11 +19,12 @@ fn target_dir() -> PathBuf {
 }
 
 /// The shared library apps load. `cargo test` builds only the rlib of a package under test, so README's test
-/// command runs `cargo build -p unsee-ffi --lib` first; a library older than the Rust sources is refused, so a
+/// command runs `cargo build --workspace --lib --tests` first (the workspace's feature set: burn is not compiled a
+/// second time, as `cargo build -p unsee-ffi --lib` would); a library older than the Rust sources is refused, so a
 /// stale build is never tested by mistake.
 fn cdylib() -> PathBuf {
     let p = target_dir().join(format!("{}unsee_ffi{}", std::env::consts::DLL_PREFIX, std::env::consts::DLL_SUFFIX));
-    let hint = "run `cargo build -p unsee-ffi --lib` before `cargo test` (README's test command does)";
+    let hint = "run `cargo build --workspace --lib --tests` before `cargo test` (README's test command does)";
     let built = std::fs::metadata(&p).and_then(|m| m.modified()).unwrap_or_else(|_| panic!("{} missing: {hint}", p.display()));
     let mut newest = None;
     for dir in ["bindings/src", "core/src"] {
