@@ -421,9 +421,10 @@ pub fn is_quantized_file(path: &Path) -> bool {
         .is_some_and(|m| m.get("format").is_some_and(|f| f == FORMAT))
 }
 
-/// Reads `path` once (a plain or an `unsee-quantized` safetensors file), checks it against `expect` (size and
-/// SHA-256 of exactly the bytes that become weights), and only then loads it into `module`. On any error the
-/// module is untouched. Quantized tensors must be where the rule puts them, with a well-formed scale tensor.
+/// Reads `path` once (a plain or an `unsee-quantized` safetensors file) into `module`, 128 MiB at a time, and
+/// checks it against `expect` (size first; SHA-256 of exactly the bytes that became weights at the end). `module`
+/// must be a fresh one that the caller drops on any error: after an error it may hold part of the file.
+/// Quantized tensors must be where the rule puts them, with a well-formed scale tensor.
 pub fn load_component<M: ModuleSnapshot>(module: &mut M, component: &str, path: &Path, precision: Precision,
                                          expect: Option<&Expected>) -> Result<Loaded> {
     load_in_chunks(module, component, path, precision, expect, APPLY_CHUNK)

@@ -183,11 +183,11 @@ pub fn attack(sd: &StableDiffusion, x0: &Tensor<4>, prompt: &str, cfg: &PromptAt
     let mut u = vec![1.0 / n as f32; k * n];
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let total = timesteps.len() * cfg.iterations;
-    let (mut done, mut loss_sum, mut last_loss) = (0, 0.0f64, f32::NAN);
+    let (mut done, mut last_loss) = (0, f32::NAN);
     let mut best = PromptAttackOutcome { prompt: prompt.to_string(), prefix_ids: vec![], retokenizes: true,
                                          success: None, evaluations, iterations: 0, loss: f32::NAN, seconds: 0.0 };
     for &t in &timesteps {
-        loss_sum = 0.0;
+        let mut loss_sum = 0.0f64;
         for _ in 0..cfg.iterations {
             check_cancelled(cancelled)?;
             let picks: Vec<i64> = (0..k).map(|p| sample(&u[p * n..(p + 1) * n], &mut rng) as i64).collect();
