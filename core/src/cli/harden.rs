@@ -21,6 +21,10 @@ pub struct Args {
     /// (`--text-encoder FILE` loads it onto that encoder).
     #[arg(long)]
     delta: Option<PathBuf>,
+    /// Also write the whole model with the hardened text encoder as one single-file checkpoint with CompVis key
+    /// names (AUTOMATIC1111, ComfyUI).
+    #[arg(long)]
+    bake_single_file: Option<PathBuf>,
     #[arg(long)]
     json: bool,
 }
@@ -30,6 +34,9 @@ pub fn run(a: Args) -> Result<()> {
     if a.out.exists() && std::fs::read_dir(&a.out).map(|mut d| d.next().is_some()).unwrap_or(true) {
         return Err(Error::InvalidRequest(format!("{} exists and is not empty", a.out.display())));
     }
+    if let Some(f) = &a.bake_single_file {
+        unsee::engine::check_single_file_target(f)?;
+    }
     let mut engine = a.model.open()?;
     let bar = stage_bar(a.json);
     let report = engine.harden(&spec, &mut |stage, done, total| show_stage(&bar, stage, done, total), &|| false)?;
@@ -37,6 +44,9 @@ pub fn run(a: Args) -> Result<()> {
     engine.save_text_encoder(&a.out)?;
     if let Some(d) = &a.delta {
         engine.save_hardened_delta(d)?;
+    }
+    if let Some(f) = &a.bake_single_file {
+        engine.bake_single_file(f)?;
     }
     if a.json {
         print_json(&report)
