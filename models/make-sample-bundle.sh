@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 if [ -f models/sample-bundle/manifest.json ] && [ -f models/sample-keys/sample.pub ]; then
     exit 0
 fi
-unsee=(cargo run --release --quiet -p unsee --)
+# UNSEE_BIN: an unsee binary to use instead of building one (`cargo run --release`).
+if [ -n "${UNSEE_BIN:-}" ]; then unsee=("$UNSEE_BIN"); else unsee=(cargo run --release --quiet -p unsee --); fi
 mkdir -p models/sample-keys
 [ -f models/sample-keys/sample.key ] || "${unsee[@]}" keygen --out models/sample-keys/sample
 tmp=$(mktemp -d)

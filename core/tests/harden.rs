@@ -58,6 +58,12 @@ fn hardening_trains_the_chosen_layers_only_and_round_trips() {
             < std::fs::metadata(dir.join("text_encoder/model.safetensors")).unwrap().len() / 10,
             "the delta holds only the trained tensors");
     assert!(e.save_text_encoder(&dir.join("text_encoder")).is_err(), "an existing folder is not overwritten");
+    // The single-file export carries the hardened encoder (`unsee harden --bake-single-file`).
+    e.bake_single_file(&dir.join("hardened.safetensors")).unwrap();
+    let single = Engine::open(&EngineOptions { model: dir.join("hardened.safetensors"),
+                                               config_dir: Some(repo().join("models/shapes-sd")),
+                                               ..Default::default() }).unwrap();
+    assert_eq!(hidden(&single), want, "single file");
 
     // An altered delta and a delta for another encoder are refused.
     let mut bytes = std::fs::read(dir.join("delta.safetensors")).unwrap();
