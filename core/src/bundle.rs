@@ -202,7 +202,8 @@ pub fn parse_public_key(text: &str) -> Result<TrustedKey> {
         .unwrap_or_default();
     let bad = |m: String| Error::InvalidRequest(format!("not a minisign public key: {m}"));
     let key = minisign_verify::PublicKey::from_base64(line).map_err(|e| bad(e.to_string()))?;
-    let raw = base64_lite::decode(line);
+    use base64::Engine as _;
+    let raw = base64::engine::general_purpose::STANDARD.decode(line).map_err(|e| bad(e.to_string()))?;
     let id = raw.get(2..10).ok_or_else(|| bad("too short".into()))?.iter().rev().map(|b| format!("{b:02X}")).collect();
     Ok(TrustedKey { id, key })
 }
@@ -289,31 +290,6 @@ pub fn open(dir: &Path, keys: &[TrustedKey], deep: bool) -> Result<Verified> {
         }
     }
     Ok(verified)
-}
-
-/// A tiny base64 decoder for the key id (the public key line is standard base64).
-mod base64_lite {
-    pub fn decode(s: &str) -> Vec<u8> {
-        let val = |c: u8| match c {
-            b'A'..=b'Z' => Some(c - b'A'),
-            b'a'..=b'z' => Some(c - b'a' + 26),
-            b'0'..=b'9' => Some(c - b'0' + 52),
-            b'+' => Some(62),
-            b'/' => Some(63),
-            _ => None,
-        };
-        let mut out = vec![];
-        let (mut acc, mut bits) = (0u32, 0);
-        for v in s.bytes().filter_map(val) {
-            acc = (acc << 6) | v as u32;
-            bits += 6;
-            if bits >= 8 {
-                bits -= 8;
-                out.push((acc >> bits) as u8);
-            }
-        }
-        out
-    }
 }
 
 /// What [`build`] needs from the engine.

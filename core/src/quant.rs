@@ -516,25 +516,7 @@ fn load_in_chunks<M: ModuleSnapshot>(module: &mut M, component: &str, path: &Pat
     }
     flush(&mut packs, module);
     let result = applied.finish();
-    let mut lines = vec![];
-    for err in &result.errors {
-        lines.push(match err {
-            ApplyError::ShapeMismatch { path, expected, found } => {
-                format!("  mis-shaped: {path}: expected {:?}, found {:?}", expected.as_slice(), found.as_slice())
-            }
-            other => format!("  unreadable: {other}"),
-        });
-    }
-    for (p, _) in &result.missing {
-        lines.push(format!("  missing:    {p}"));
-    }
-    for p in result.unused.iter().filter(|p| !p.ends_with("position_ids")) {
-        lines.push(format!("  unexpected: {p}"));
-    }
-    if !lines.is_empty() {
-        return Err(Error::WeightMismatch { component: component.to_string(), file: path.to_path_buf(),
-                                           report: lines.join("\n") });
-    }
+    crate::weights::check_applied(component, path, &result)?;
     Ok(Loaded { sha256, quant })
 }
 

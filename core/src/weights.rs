@@ -221,6 +221,12 @@ pub fn load_module_remapped<M: ModuleSnapshot>(module: &mut M, component: &str, 
         .load_from(&mut store)
         .map_err(|e| Error::CorruptWeights { file: origin.clone(), message: e.to_string() })?;
 
+    check_applied(component, &origin, &result)
+}
+
+/// Every missing, unexpected, mis-shaped or unreadable tensor of a load into a module, in one
+/// [`Error::WeightMismatch`] report (shared by the safetensors and the bundle loaders).
+pub fn check_applied(component: &str, file: &Path, result: &burn::store::ApplyResult) -> Result<()> {
     let mut lines = Vec::new();
     for err in &result.errors {
         lines.push(match err {
@@ -242,7 +248,8 @@ pub fn load_module_remapped<M: ModuleSnapshot>(module: &mut M, component: &str, 
     if lines.is_empty() {
         Ok(())
     } else {
-        Err(Error::WeightMismatch { component: component.to_string(), file: origin, report: lines.join("\n") })
+        Err(Error::WeightMismatch { component: component.to_string(), file: file.to_path_buf(),
+                                    report: lines.join("\n") })
     }
 }
 
