@@ -29,7 +29,8 @@ pub enum UnseeError {
     /// The model path (or text encoder, or erasure file) does not exist.
     #[error("{0}")]
     ModelNotFound(String),
-    /// The model is incomplete, corrupt, mis-shaped, contains NaN/Inf, or is a pickle checkpoint.
+    /// The model (or a LoRA merged into it) is incomplete, corrupt, mis-shaped, contains NaN/Inf, or is a pickle
+    /// checkpoint.
     #[error("{0}")]
     InvalidModel(String),
     /// An erasure file computed for other base weights or another text encoder.
@@ -75,6 +76,7 @@ impl From<CoreError> for UnseeError {
             | CoreError::UnsafePickle { .. }
             | CoreError::CorruptWeights { .. }
             | CoreError::NonFiniteWeights { .. }
+            | CoreError::InvalidLora { .. }
             | CoreError::NonFiniteOutput(_) => Self::InvalidModel(m),
             CoreError::ErasureMismatch { .. } => Self::ErasureMismatch(m),
             CoreError::InvalidErasureFile { .. } => Self::InvalidErasureFile(m),
@@ -132,6 +134,8 @@ pub enum Scheduler {
     DpmSolverMultistep,
     /// DPM-Solver++(2M) with Karras sigmas.
     DpmSolverMultistepKarras,
+    /// Latent consistency model sampling (2–8 steps with an LCM-LoRA or LCM-distilled UNet).
+    Lcm,
 }
 
 impl From<Scheduler> for unsee::scheduler::SchedulerKind {
@@ -142,6 +146,7 @@ impl From<Scheduler> for unsee::scheduler::SchedulerKind {
             Scheduler::EulerAncestral => K::EulerAncestral,
             Scheduler::DpmSolverMultistep => K::DpmSolverPP2M { karras: false },
             Scheduler::DpmSolverMultistepKarras => K::DpmSolverPP2M { karras: true },
+            Scheduler::Lcm => K::Lcm,
         }
     }
 }
@@ -154,6 +159,7 @@ impl From<unsee::scheduler::SchedulerKind> for Scheduler {
             K::EulerAncestral => Scheduler::EulerAncestral,
             K::DpmSolverPP2M { karras: false } => Scheduler::DpmSolverMultistep,
             K::DpmSolverPP2M { karras: true } => Scheduler::DpmSolverMultistepKarras,
+            K::Lcm => Scheduler::Lcm,
         }
     }
 }
@@ -182,6 +188,17 @@ pub struct EngineConfig {
     /// Guarded mode: concepts the bundle must erase (case-insensitive).
     #[uniffi(default = [])]
     pub required_concepts: Vec<String>,
+    /// LoRAs merged into the weights at load, in order, before the erasure files (refused in guarded mode).
+    #[uniffi(default = [])]
+    pub loras: Vec<Lora>,
+}
+
+/// A LoRA file (kohya or diffusers/PEFT safetensors) and the scale it is merged with.
+#[derive(Debug, Clone, uniffi::Record)]
+pub struct Lora {
+    pub path: String,
+    #[uniffi(default = 1.0)]
+    pub scale: f64,
 }
 
 /// What to generate. Integer fields are signed so that the Kotlin API has plain `Int`/`Long` (callable from Java);
@@ -398,6 +415,9 @@ impl Engine {
                 model: config.model_path.map(PathBuf::from).unwrap_or(defaults.model),
                 text_encoder: config.text_encoder_path.map(PathBuf::from),
                 erasures: config.erasure_paths.iter().map(PathBuf::from).collect(),
+                loras: config.loras.iter()
+                    .map(|l| unsee::lora::LoraSpec { path: PathBuf::from(&l.path), scale: l.scale })
+                    .collect(),
                 device: match config.device {
                     DeviceKind::Auto => unsee::device::DeviceChoice::Auto,
                     DeviceKind::Cpu => unsee::device::DeviceChoice::Cpu,

@@ -51,7 +51,8 @@ fn newest_source(dir: &Path, newest: &mut Option<(std::time::SystemTime, PathBuf
 }
 
 fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("unsee-ffi-{name}-{}", std::process::id()));
+    // cargo's per-target scratch folder, named by the test: a run replaces the previous run's folder
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("unsee-ffi-{name}"));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d

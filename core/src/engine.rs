@@ -33,8 +33,11 @@ pub struct EngineOptions {
     pub config_dir: Option<PathBuf>,
     /// A text encoder that replaces the model's (see [`LoadOptions::text_encoder`]).
     pub text_encoder: Option<PathBuf>,
-    /// Erasure files applied at load, in order.
+    /// Erasure files applied at load, in order (after the LoRAs are merged: an erasure file records the merged
+    /// weights it was computed from).
     pub erasures: Vec<PathBuf>,
+    /// LoRAs merged into the weights at load ([`crate::lora`]), e.g. an LCM-LoRA for 4-step sampling.
+    pub loras: Vec<crate::lora::LoraSpec>,
     pub device: DeviceChoice,
     pub precision: Precision,
     /// Scan every weight for NaN/Inf even in large files.
@@ -63,6 +66,7 @@ impl Default for EngineOptions {
             config_dir: None,
             text_encoder: None,
             erasures: vec![],
+            loras: vec![],
             device: DeviceChoice::Auto,
             precision: Precision::F32,
             check: false,
@@ -109,6 +113,8 @@ pub struct EngineInfo {
     pub precision: Precision,
     /// Erasures in effect, in the order they were applied.
     pub erasures: Vec<AppliedErasure>,
+    /// LoRAs merged into the weights, in order.
+    pub loras: Vec<crate::lora::AppliedLora>,
     /// The bundle's manifest, when the model is a bundle.
     pub bundle: Option<crate::bundle::Manifest>,
     /// The bundle's signer (minisign key id) when its signature was checked.
@@ -149,6 +155,9 @@ impl Engine {
                 if !opts.erasures.is_empty() {
                     return Err(guard_violation("a guarded engine applies only the erasures baked into its bundle"));
                 }
+                if !opts.loras.is_empty() {
+                    return Err(guard_violation("a guarded engine refuses LoRAs (they change the signed weights)"));
+                }
                 let keys = guard.trusted_keys.iter().map(|k| crate::bundle::parse_public_key(k))
                     .collect::<Result<Vec<_>>>()?;
                 if keys.is_empty() {
@@ -176,6 +185,7 @@ impl Engine {
             config_dir: opts.config_dir.clone(),
             text_encoder: opts.text_encoder.clone(),
             bundle: bundle.clone(),
+            loras: opts.loras.clone(),
         };
         let base = StableDiffusion::load(&opts.model, device, &load)?;
         tracing::info!("loaded {} in {:.2}s", opts.model.display(), base.load_time.as_secs_f64());
@@ -291,6 +301,11 @@ impl Engine {
 
     /// Writes a complete diffusers folder with every erasure in effect baked into the weights.
     pub fn bake(&self, out: &Path) -> Result<()> {
+        if !self.model.loras.is_empty() {
+            return Err(Error::InvalidRequest("--bake copies the model's files and rewrites the erased matrices, so it \
+                cannot carry merged LoRAs: build a bundle (`unsee bundle build`, which writes the weights in use) or \
+                bake without --lora".into()));
+        }
         if self.model.bundle.is_some() {
             return Err(Error::InvalidRequest("a bundle cannot be baked: build a new bundle from the model it was \
                                               built from".into()));
@@ -362,7 +377,7 @@ impl Engine {
         };
         let reference = if replaced {
             let load = LoadOptions { check: self.opts.check, config_dir: self.opts.config_dir.clone(), text_encoder: None,
-                                     bundle: self.base.bundle.clone() };
+                                     bundle: self.base.bundle.clone(), loras: self.opts.loras.clone() };
             let own = StableDiffusion::load(&self.opts.model, self.base.device.clone(), &load)?;
             StableDiffusion { text_encoder: own.text_encoder, text_config: own.text_config, ..self.base.clone() }
         } else {
@@ -448,6 +463,7 @@ impl Engine {
             is_gpu: sd.device.is_gpu,
             precision: sd.device.precision,
             erasures: self.applied.clone(),
+            loras: sd.loras.clone(),
             bundle: sd.bundle.as_ref().map(|b| b.manifest.clone()),
             signer: sd.bundle.as_ref().and_then(|b| b.signer.clone()),
             guarded: self.is_guarded(),

@@ -41,6 +41,11 @@ pub enum Error {
     #[error("{}: not a valid erasure file: {message}", file.display())]
     InvalidErasureFile { file: PathBuf, message: String },
 
+    /// A LoRA file that cannot be merged into this model (unknown format or layer names, shapes that do not fit,
+    /// NaN/Inf, a quantized target); the message names the tensor.
+    #[error("{}: not a usable LoRA: {message}", file.display())]
+    InvalidLora { file: PathBuf, message: String },
+
     /// An edit spec that cannot be used (unknown method, a value out of range, a concept both erased and
     /// preserved…); TOML specs name the line.
     #[error("invalid spec: {0}")]

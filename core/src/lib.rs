@@ -10,6 +10,7 @@ pub mod engine;
 pub mod error;
 pub mod limits;
 pub mod load;
+pub mod lora;
 pub mod model;
 pub mod nn;
 pub mod pickle;

@@ -31,6 +31,9 @@ pub struct LoadOptions {
     /// The model folder is a bundle whose manifest was already checked ([`crate::bundle::open`], with the keys the
     /// caller trusts). A bundle given without it is checked here without a signature check.
     pub bundle: Option<std::sync::Arc<crate::bundle::Verified>>,
+    /// LoRA files merged into the UNet and text encoder after everything else is loaded, in order
+    /// ([`crate::lora`]).
+    pub loras: Vec<crate::lora::LoraSpec>,
 }
 
 /// Reads and loads the CLIP text encoder in `root/component` (transformers ≥ 5 writes CLIPTextModel without the
@@ -126,6 +129,8 @@ pub struct StableDiffusion {
     pub text_encoder_identity: Option<String>,
     /// The bundle the model was loaded from, with its checked manifest.
     pub bundle: Option<std::sync::Arc<crate::bundle::Verified>>,
+    /// LoRAs merged into the weights, in order.
+    pub loras: Vec<crate::lora::AppliedLora>,
     pub load_time: Duration,
 }
 
@@ -253,6 +258,15 @@ impl StableDiffusion {
             files.push(("text_encoder".into(), file));
             }
         }
+        let mut loras = vec![];
+        let mut te_adapted = false;
+        for spec in &opts.loras {
+            let lora = crate::lora::Lora::read(&spec.path, &unet, &unet_config, &text_encoder)?;
+            te_adapted |= lora.touches_text_encoder();
+            let applied = lora.merge(spec.scale, &mut unet, &mut text_encoder, precision)?;
+            tracing::info!("merged LoRA {} (scale {}, {:?})", spec.path.display(), spec.scale, applied.layers);
+            loras.push(applied);
+        }
         Ok(Self {
             location,
             device,
@@ -265,11 +279,12 @@ impl StableDiffusion {
             vae_config,
             scheduler_config,
             files,
-            text_encoder_identity: match (&bundle, &opts.text_encoder) {
-                (Some(b), None) => b.manifest.text_encoder.get("hash").cloned(),
+            text_encoder_identity: match (&bundle, &opts.text_encoder, te_adapted) {
+                (Some(b), None, false) => b.manifest.text_encoder.get("hash").cloned(),
                 _ => None,
             },
             bundle,
+            loras,
             load_time: t0.elapsed(),
         })
     }

@@ -270,7 +270,7 @@ impl StableDiffusion {
             } else {
                 eps
             };
-            let step_noise = if scheduler.needs_noise() {
+            let step_noise = if scheduler.needs_noise(i) {
                 Some(match noise.as_mut() {
                     Some(f) => self.float(f(i)),
                     None => self.seeded_noise(&mut rng, shape),

@@ -608,7 +608,6 @@ mod tests {
     /// (randomly initialised) tiny VAE, and a missing tensor is still reported once.
     #[test]
     fn chunked_loading_is_the_same_load() {
-        use burn::module::Module;
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-sd");
         let cfg: crate::vae::VaeConfig = crate::model::read_config(&root, "vae", "config.json").unwrap();
         let dev = burn::tensor::Device::flex();

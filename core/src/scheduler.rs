@@ -1,5 +1,7 @@
 //! Schedulers, configured from `scheduler/scheduler_config.json` exactly as diffusers reads it:
-//! DDIM (η = 0), Euler ancestral, and DPM-Solver++(2M) with optional Karras sigmas.
+//! DDIM (η = 0), Euler ancestral, DPM-Solver++(2M) with optional Karras sigmas, and the latent consistency
+//! model's multistep sampler (LCM: Luo et al., 2023, "Latent Consistency Models"; diffusers' `LCMScheduler`) for
+//! 2–8-step sampling with an LCM-distilled UNet or an LCM-LoRA.
 //!
 //! Per-step coefficients are computed on the host in f64; the tensors stay on the device.
 
@@ -13,15 +15,17 @@ pub enum SchedulerKind {
     Ddim,
     EulerAncestral,
     DpmSolverPP2M { karras: bool },
+    Lcm,
 }
 
 impl SchedulerKind {
     /// Every scheduler, in the order their names are listed.
-    pub const ALL: [SchedulerKind; 4] = [
+    pub const ALL: [SchedulerKind; 5] = [
         Self::Ddim,
         Self::EulerAncestral,
         Self::DpmSolverPP2M { karras: false },
         Self::DpmSolverPP2M { karras: true },
+        Self::Lcm,
     ];
 
     /// The name the CLI, the JNI path and the files use (the one table of scheduler names).
@@ -31,6 +35,7 @@ impl SchedulerKind {
             Self::EulerAncestral => "euler-a",
             Self::DpmSolverPP2M { karras: false } => "dpmpp-2m",
             Self::DpmSolverPP2M { karras: true } => "dpmpp-2m-karras",
+            Self::Lcm => "lcm",
         }
     }
 
@@ -41,6 +46,7 @@ impl SchedulerKind {
             Self::EulerAncestral => "Euler a",
             Self::DpmSolverPP2M { karras: false } => "DPM++ 2M",
             Self::DpmSolverPP2M { karras: true } => "DPM++ 2M Karras",
+            Self::Lcm => "LCM",
         }
     }
 
@@ -51,6 +57,7 @@ impl SchedulerKind {
             Self::EulerAncestral => &["euler_a", "euler-ancestral"],
             Self::DpmSolverPP2M { karras: false } => &["dpm++2m", "dpmpp_2m"],
             Self::DpmSolverPP2M { karras: true } => &["dpmpp_2m_karras"],
+            Self::Lcm => &[],
         }
     }
 }
@@ -85,6 +92,12 @@ fn d_true() -> bool {
 }
 fn d_one() -> f64 {
     1.0
+}
+fn d_original_steps() -> usize {
+    50
+}
+fn d_timestep_scaling() -> f64 {
+    10.0
 }
 
 /// `beta_schedule`.
@@ -146,6 +159,12 @@ pub struct SchedulerConfig {
     pub rescale_betas_zero_snr: bool,
     #[serde(default)]
     pub thresholding: bool,
+    /// LCM: the length of the distillation schedule the inference timesteps are taken from.
+    #[serde(default = "d_original_steps")]
+    pub original_inference_steps: usize,
+    /// LCM: the timestep scale of the consistency boundary condition (c_skip, c_out).
+    #[serde(default = "d_timestep_scaling")]
+    pub timestep_scaling: f64,
 }
 
 impl Default for SchedulerConfig {
@@ -165,6 +184,8 @@ impl Default for SchedulerConfig {
             timestep_spacing: None,
             rescale_betas_zero_snr: false,
             thresholding: false,
+            original_inference_steps: 50,
+            timestep_scaling: 10.0,
         }
     }
 }
@@ -212,6 +233,13 @@ impl SchedulerConfig {
         }
         if !(2..=MAX_TRAIN_TIMESTEPS).contains(&self.num_train_timesteps) {
             return bad(format!("num_train_timesteps {} is not in 2..={MAX_TRAIN_TIMESTEPS}", self.num_train_timesteps));
+        }
+        if !(1..=self.num_train_timesteps).contains(&self.original_inference_steps) {
+            return bad(format!("original_inference_steps {} is not in 1..=num_train_timesteps ({})",
+                               self.original_inference_steps, self.num_train_timesteps));
+        }
+        if !(self.timestep_scaling.is_finite() && self.timestep_scaling > 0.0) {
+            return bad(format!("timestep_scaling = {} must be a finite number > 0", self.timestep_scaling));
         }
         if let Some(b) = &self.trained_betas
             && (b.len() != self.num_train_timesteps || b.iter().any(|x| !(*x > 0.0 && *x < 1.0)))
@@ -297,6 +325,8 @@ enum State {
     EulerAncestral { sigmas: Vec<f64> },
     /// DPM-Solver++(2M): σ per step plus the final σ, previous data predictions (x₀, most recent last).
     DpmSolverPP2M { sigmas: Vec<f64>, model_outputs: Vec<Tensor<4>>, lower_order_nums: usize },
+    /// LCM: the boundary-condition scale and x₀ clipping.
+    Lcm { timestep_scaling: f64, clip_sample: Option<f64> },
 }
 
 /// A denoising schedule: which timesteps the UNet sees and how a noise prediction updates the sample.
@@ -369,6 +399,26 @@ impl Scheduler {
                 sigmas.push(0.0); // final_sigmas_type = "zero"
                 (ts, 1.0, State::DpmSolverPP2M { sigmas, model_outputs: vec![], lower_order_nums: 0 })
             }
+            SchedulerKind::Lcm => {
+                // The distillation schedule: every k-th training timestep, k = T / original_steps (19, 39, ..., 999
+                // for SD), then `steps` of them at evenly spaced indices from the top.
+                let original = cfg.original_inference_steps;
+                if steps > original {
+                    return Err(Error::InvalidRequest(format!(
+                        "LCM takes at most original_inference_steps ({original}) steps, not {steps}")));
+                }
+                let k = n_train / original;
+                let origin: Vec<f64> = (1..=original).rev().map(|i| (i * k) as f64 - 1.0).collect();
+                // np.floor(np.linspace(0, original, steps, endpoint=False)): j·(original/steps) in f64, as numpy
+                // computes it (exact integer division differs for some lengths, e.g. 38 of 1000).
+                let step = original as f64 / steps as f64;
+                let timesteps = (0..steps).map(|j| origin[((j as f64 * step).floor() as usize).min(original - 1)]).collect();
+                let state = State::Lcm {
+                    timestep_scaling: cfg.timestep_scaling,
+                    clip_sample: cfg.clip_sample.then_some(cfg.clip_sample_range),
+                };
+                (timesteps, 1.0, state)
+            }
         };
         // `leading` spacing plus `steps_offset` can step past the schedule (e.g. 1000 steps of 1000 with offset 1).
         if let Some(t) = timesteps.iter().find(|&&t| !(t >= 0.0 && t < n_train as f64)) {
@@ -380,8 +430,13 @@ impl Scheduler {
         Ok(Self { kind, timesteps, init_noise_sigma, prediction: cfg.prediction_type, alphas_cumprod: ac, state })
     }
 
-    pub fn needs_noise(&self) -> bool {
-        matches!(self.state, State::EulerAncestral { .. })
+    /// Whether step `i` takes fresh noise (ancestral samplers every step; LCM every step but the last).
+    pub fn needs_noise(&self, i: usize) -> bool {
+        match self.state {
+            State::EulerAncestral { .. } => true,
+            State::Lcm { .. } => i + 1 < self.timesteps.len(),
+            _ => false,
+        }
     }
 
     /// The UNet input for step `i` (Euler: x / √(σ²+1); others: unchanged).
@@ -409,6 +464,11 @@ impl Scheduler {
             State::EulerAncestral { sigmas } => euler_a_step(sigmas, prediction, model_output, i, sample, noise),
             State::DpmSolverPP2M { sigmas, model_outputs, lower_order_nums } => {
                 dpm_step(sigmas, model_outputs, lower_order_nums, prediction, model_output, i, n, sample)
+            }
+            State::Lcm { timestep_scaling, clip_sample } => {
+                let prev_t = if i + 1 < n { self.timesteps[i + 1] } else { t };
+                lcm_step(&self.alphas_cumprod, prediction, *timestep_scaling, *clip_sample, model_output, t, prev_t,
+                         sample, noise)
             }
         }
     }
@@ -454,6 +514,36 @@ fn euler_a_step(sigmas: &[f64], prediction: PredictionType, out: Tensor<4>, i: u
     match noise {
         Some(n) if sigma_up > 0.0 => prev + n * sigma_up as f32,
         _ => prev,
+    }
+}
+
+/// One LCM multistep update: the consistency function f(x_t, t) = c_skip(t)·x_t + c_out(t)·x̂₀(x_t, t), with the
+/// boundary condition c_skip = σ_d²/((s·t)² + σ_d²), c_out = s·t/√((s·t)² + σ_d²) (σ_d = 0.5, s =
+/// `timestep_scaling`), then re-noised to the next timestep: x_prev = √ᾱ_prev·f + √(1-ᾱ_prev)·z (no noise after the
+/// last step, where the denoised sample is the result).
+#[allow(clippy::too_many_arguments)]
+fn lcm_step(alphas_cumprod: &[f64], prediction: PredictionType, timestep_scaling: f64, clip_sample: Option<f64>,
+            out: Tensor<4>, t: f64, prev_t: f64, x: Tensor<4>, noise: Option<Tensor<4>>) -> Tensor<4> {
+    let a_t = alphas_cumprod[t as usize];
+    let b_t = 1.0 - a_t;
+    let sigma_data = 0.5f64;
+    let scaled = t * timestep_scaling;
+    let c_skip = sigma_data * sigma_data / (scaled * scaled + sigma_data * sigma_data);
+    let c_out = scaled / (scaled * scaled + sigma_data * sigma_data).sqrt();
+    let mut x0 = match prediction {
+        PredictionType::Epsilon => (x.clone() - out * b_t.sqrt() as f32) / a_t.sqrt() as f32,
+        PredictionType::VPrediction => x.clone() * a_t.sqrt() as f32 - out * b_t.sqrt() as f32,
+    };
+    if let Some(r) = clip_sample {
+        x0 = x0.clamp(-r as f32, r as f32);
+    }
+    let denoised = x0 * c_out as f32 + x * c_skip as f32;
+    match noise {
+        Some(z) => {
+            let a_prev = alphas_cumprod[prev_t as usize];
+            denoised * a_prev.sqrt() as f32 + z * (1.0 - a_prev).sqrt() as f32
+        }
+        None => denoised,
     }
 }
 
@@ -544,6 +634,18 @@ mod tests {
         assert!(Scheduler::new(SchedulerKind::Ddim, &cfg, 10).is_err());
         let cfg = SchedulerConfig { num_train_timesteps: 1_000_000_000_000, ..Default::default() };
         assert!(Scheduler::new(SchedulerKind::Ddim, &cfg, 10).is_err());
+    }
+
+    #[test]
+    fn lcm_timesteps_match_diffusers() {
+        // LCMScheduler.set_timesteps(n) with original_inference_steps = 50 on SD's 1000 training steps.
+        let ts = |n| Scheduler::new(SchedulerKind::Lcm, &SchedulerConfig::default(), n).unwrap().timesteps;
+        assert_eq!(ts(4), vec![999.0, 759.0, 499.0, 259.0]);
+        assert_eq!(ts(1), vec![999.0]);
+        assert_eq!(ts(8), vec![999.0, 879.0, 759.0, 639.0, 499.0, 379.0, 259.0, 139.0]);
+        assert!(Scheduler::new(SchedulerKind::Lcm, &SchedulerConfig::default(), 51).is_err());
+        let cfg = SchedulerConfig { original_inference_steps: 0, ..Default::default() };
+        assert!(Scheduler::new(SchedulerKind::Lcm, &cfg, 4).is_err());
     }
 
     #[test]

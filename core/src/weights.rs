@@ -138,14 +138,18 @@ impl OwnedTensor {
 /// renamed over it, so a reader never sees a partial file and a failed write leaves any old file intact.
 pub fn write_safetensors(path: &Path, tensors: &[OwnedTensor], metadata: Option<HashMap<String, String>>)
     -> Result<()> {
+    write_atomic(path, &safetensors_bytes(tensors, metadata)?)
+}
+
+/// `tensors` (and `metadata`) serialized as a safetensors file in memory.
+pub fn safetensors_bytes(tensors: &[OwnedTensor], metadata: Option<HashMap<String, String>>) -> Result<Vec<u8>> {
     let mut views = Vec::with_capacity(tensors.len());
     for t in tensors {
         let view = safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.bytes)
             .map_err(|e| Error::Internal(format!("tensor {}: {e}", t.name)))?;
         views.push((t.name.clone(), view));
     }
-    let bytes = safetensors::serialize(views, metadata).map_err(|e| Error::Internal(e.to_string()))?;
-    write_atomic(path, &bytes)
+    safetensors::serialize(views, metadata).map_err(|e| Error::Internal(e.to_string()))
 }
 
 /// Writes `bytes` to `path` atomically: into a new temporary file beside it (created exclusively, so an existing

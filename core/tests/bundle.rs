@@ -236,6 +236,11 @@ fn the_guard_refuses_bypasses() {
     };
     violation(open(Some(shapes()), vec![]).map(|_| ()), "a replacement text encoder");
     violation(open(None, vec![f.erasure.clone()]).map(|_| ()), "an erasure file");
+    let lora = unsee::lora::LoraSpec { path: fixtures().join("tiny/lora_kohya.safetensors"), scale: 1.0 };
+    violation(Engine::open(&EngineOptions {
+        model: dir.clone(), loras: vec![lora],
+        guard: Some(Guard { trusted_keys: vec![trusted()], required_concepts: vec![] }), ..EngineOptions::default()
+    }).map(|_| ()), "a LoRA");
     // Not a bundle at all.
     violation(guarded(&shapes(), &[]).map(|_| ()), "a plain model folder");
     let mut e = open(None, vec![]).unwrap();

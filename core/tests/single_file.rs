@@ -51,8 +51,7 @@ fn build_checkpoint(path: &std::path::Path, extra: &[(&str, Vec<usize>)]) {
 
 #[test]
 fn single_file_checkpoint_matches_the_folder() {
-    let dir = std::env::temp_dir().join(format!("unsee-single-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::tmp_dir("single", "single");
     let ckpt = dir.join("small-pruned.safetensors");
     build_checkpoint(&ckpt, &[]);
     let dev = select(DeviceChoice::Cpu, Precision::F32).unwrap();
@@ -68,8 +67,7 @@ fn single_file_checkpoint_matches_the_folder() {
 
 #[test]
 fn single_file_with_unknown_weights_is_refused() {
-    let dir = std::env::temp_dir().join(format!("unsee-single-bad-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::tmp_dir("single", "single-bad");
     let ckpt = dir.join("odd.safetensors");
     build_checkpoint(&ckpt, &[("model.diffusion_model.extra_block.0.weight", vec![4])]);
     let dev = select(DeviceChoice::Cpu, Precision::F32).unwrap();
@@ -111,9 +109,7 @@ fn reverse_key_map_matches_the_diffusers_checked_map() {
 fn baked_single_file_loads_back_with_the_erasure() {
     use unsee::engine::{Engine, EngineOptions};
     use unsee::pipeline::{Control, GenerateRequest, Target};
-    let dir = std::env::temp_dir().join(format!("unsee-single-bake-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::tmp_dir("single", "bake");
     let shapes = unsee::model::default_model_dir();
     let mut engine = Engine::open(&EngineOptions { device: DeviceChoice::Cpu, ..Default::default() }).unwrap();
     let spec = unsee::erase::spec::Spec::from_file(&shapes.join("../specs/shapes-circle.toml")).unwrap();
@@ -159,9 +155,7 @@ fn baked_single_file_loads_back_with_the_erasure() {
 fn baked_single_file_carries_the_text_encoder_in_use() {
     use unsee::engine::{Engine, EngineOptions};
     use unsee::erase::matrices::text_encoder_hash_of;
-    let dir = std::env::temp_dir().join(format!("unsee-single-te-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::tmp_dir("single", "te");
     let shapes = unsee::model::default_model_dir();
     let robust = shapes.join("../robust/shapes-circle.safetensors");
     let engine = Engine::open(&EngineOptions { device: DeviceChoice::Cpu, text_encoder: Some(robust),

@@ -48,8 +48,7 @@ fn tokenizer_json_matches_transformers() {
 
 #[test]
 fn vocab_and_merges_match_transformers() {
-    let dir = std::env::temp_dir().join(format!("unsee-tok-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::tmp_dir("tok", "vocab");
     let src = model_dir("tiny").join("tokenizer");
     for f in ["vocab.json", "merges.txt", "tokenizer_config.json"] {
         std::fs::copy(src.join(f), dir.join(f)).unwrap();

@@ -21,6 +21,7 @@ from unsee_ffi import (
     Engine,
     EngineConfig,
     GenerateRequest,
+    Lora,
     Precision,
     ProgressListener,
     Scheduler,
@@ -112,6 +113,19 @@ class EngineTest(unittest.TestCase):
         threading.Thread(target=lambda: (started.wait(60), token.cancel())).start()
         with self.assertRaises(UnseeError.Cancelled):
             self.engine.generate(request(steps=500), Signal(), token)
+
+    def test_lora_and_lcm(self):
+        lora = os.path.join(REPO, "tests", "fixtures", "tiny", "lora_kohya.safetensors")
+        engine = Engine(config(loras=[Lora(path=lora, scale=0.7)]))
+        lcm = GenerateRequest(prompt="a red circle", steps=4, guidance=1.5, seed=7, scheduler=Scheduler.LCM)
+        rec = Recorder()
+        merged = engine.generate(lcm, rec, None).rgba
+        self.assertEqual(rec.steps, [(i, 4) for i in range(1, 5)])
+        self.assertNotEqual(self.engine.generate(lcm, None, None).rgba, merged, "the LoRA changed nothing")
+        with self.assertRaises(UnseeError.InvalidModel):
+            Engine(config(loras=[Lora(path=os.path.join(REPO, "models", "tiny-sd", "model_index.json"), scale=1.0)]))
+        with self.assertRaises(UnseeError.InvalidRequest):
+            Engine(config(loras=[Lora(path=lora, scale=float("nan"))]))
 
     def test_erase_then_generate(self):
         engine = Engine(config())

@@ -31,7 +31,8 @@ pub struct Args {
     width: Option<usize>,
     #[arg(long)]
     height: Option<usize>,
-    /// ddim, euler-a, dpmpp-2m or dpmpp-2m-karras.
+    /// ddim, euler-a, dpmpp-2m, dpmpp-2m-karras or lcm (2–8 steps with an LCM-LoRA: `--lora FILE --steps 4
+    /// --guidance 1.5`).
     #[arg(long, default_value = "ddim")]
     scheduler: SchedulerKind,
     /// Start from these latents (safetensors, one f32 tensor `latents` [1, 4, H/8, W/8]) instead of seeded noise.

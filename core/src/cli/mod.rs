@@ -107,6 +107,10 @@ pub struct ModelArgs {
     /// Apply an erasure file at load (repeatable, applied in order).
     #[arg(long = "erasure")]
     erasures: Vec<PathBuf>,
+    /// Merge a LoRA into the weights at load: FILE or FILE:SCALE (kohya or diffusers/PEFT safetensors; repeatable,
+    /// merged in order before any erasure). With an LCM-LoRA, `--scheduler lcm --steps 4 --guidance 1.5`.
+    #[arg(long = "lora", value_name = "FILE[:SCALE]")]
+    loras: Vec<unsee::lora::LoraSpec>,
     /// Guarded mode: load only a bundle signed by this minisign public key (`.pub` file; repeatable), refuse
     /// --text-encoder, --erasure, raw conditioning and init latents.
     #[arg(long = "trust")]
@@ -147,6 +151,7 @@ impl ModelArgs {
             config_dir: self.config.clone(),
             text_encoder: self.text_encoder.clone(),
             erasures: self.erasures.clone(),
+            loras: self.loras.clone(),
             device: self.device,
             precision: self.precision,
             check: self.check,

@@ -66,15 +66,23 @@ pub fn check_vae(sd: &StableDiffusion, g: &Golden, tol: f32) {
 
 /// A complete 10-step run from the golden initial latents, through the public `generate`.
 pub fn check_run(sd: &StableDiffusion, g: &Golden, name: &str, kind: SchedulerKind, tol: f32) {
+    check_run_with(sd, g, g, name, kind, 10, 7.5, tol);
+}
+
+/// A complete run of `steps` steps at `guidance` from `init`'s `run.init_latents`, compared with `g`'s
+/// `run.<name>.latents` (sampler noise from `run.<name>.noise`, timesteps `run.<name>.timesteps`).
+#[allow(clippy::too_many_arguments)]
+pub fn check_run_with(sd: &StableDiffusion, init: &Golden, g: &Golden, name: &str, kind: SchedulerKind, steps: usize,
+                      guidance: f64, tol: f32) {
     let dev: Device = sd.dev().clone();
-    let init: Tensor<4> = g.tensor("run.init_latents", &dev);
+    let init: Tensor<4> = init.tensor("run.init_latents", &dev);
     let [_, _, h, w] = init.dims();
     let f = sd.vae_config.scale_factor();
     let req = GenerateRequest {
         prompt: "a lighthouse at dusk".into(),
         negative_prompt: "blurry".into(),
-        steps: 10,
-        guidance: 7.5,
+        steps,
+        guidance,
         seed: 0,
         width: Some(w * f),
         height: Some(h * f),
@@ -92,9 +100,9 @@ pub fn check_run(sd: &StableDiffusion, g: &Golden, name: &str, kind: SchedulerKi
     let inputs = Inputs { init_latents: Some(init), noise: noise_source, ..Default::default() };
     let out = sd.generate(&req, inputs, &mut |_| Control::Continue, Target::Rgba).expect("generate");
     let want_t: Vec<f64> = g.i64(&format!("run.{name}.timesteps")).iter().map(|&t| t as f64).collect();
-    let sched = unsee::scheduler::Scheduler::new(kind, &sd.scheduler_config, 10).unwrap();
+    let sched = unsee::scheduler::Scheduler::new(kind, &sd.scheduler_config, steps).unwrap();
     assert_eq!(sched.timesteps, want_t, "{name}: timesteps differ from diffusers");
-    assert_close(&format!("{name}: final latents after 10 steps"), &host(out.latents),
+    assert_close(&format!("{name}: final latents after {steps} steps"), &host(out.latents),
                  g.f32(&format!("run.{name}.latents")).1, tol);
 }
 

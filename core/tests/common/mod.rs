@@ -19,9 +19,11 @@ pub fn fixtures() -> PathBuf {
     repo().join("tests").join("fixtures")
 }
 
-/// A fresh temporary folder for one test.
+/// A fresh temporary folder for one test, under cargo's per-target scratch folder (`target/tmp`), named by the
+/// test (not the process), so a run replaces the previous run's folder instead of leaving one more behind in the
+/// system's temp folder.
 pub fn tmp_dir(prefix: &str, name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("unsee-{prefix}-{}-{name}", std::process::id()));
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("unsee-{prefix}-{name}"));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d

@@ -110,4 +110,5 @@ fun Scheduler.jniName(): String = when (this) {
     Scheduler.EULER_ANCESTRAL -> "euler-a"
     Scheduler.DPM_SOLVER_MULTISTEP -> "dpmpp-2m"
     Scheduler.DPM_SOLVER_MULTISTEP_KARRAS -> "dpmpp-2m-karras"
+    Scheduler.LCM -> "lcm"
 }
