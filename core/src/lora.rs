@@ -113,28 +113,39 @@ struct Targets {
     by_key: HashMap<String, (Net, String)>,
     ambiguous: Vec<String>,
     shapes: HashMap<(Net, String), Vec<usize>>,
+    /// Layers stored quantized (a bundle), which cannot take a LoRA.
+    quantized: std::collections::HashSet<(Net, String)>,
 }
 
-fn layer_shapes<M: ModuleSnapshot>(module: &M) -> Vec<(String, Vec<usize>)> {
+/// Every Linear/Conv2d weight: (path, PyTorch-layout shape, quantized).
+fn layer_shapes<M: ModuleSnapshot>(module: &M) -> Vec<(String, Vec<usize>, bool)> {
     module
         .collect(None, Some(Box::new(BurnToPyTorchAdapter)), true)
         .into_iter()
         .filter(|t| t.name.ends_with(".weight") && matches!(t.shape.as_slice().len(), 2 | 4))
-        .map(|t| (t.name.trim_end_matches(".weight").to_string(), t.shape.as_slice().to_vec()))
+        .map(|t| (t.name.trim_end_matches(".weight").to_string(), t.shape.as_slice().to_vec(),
+                  matches!(t.dtype, DType::QFloat(_))))
         .collect()
 }
 
 impl Targets {
     fn new(unet: &UNet2DConditionModel, unet_config: &UNetConfig, te: &CLIPTextModel) -> Self {
-        let mut t = Targets { by_key: HashMap::new(), ambiguous: vec![], shapes: HashMap::new() };
-        for (path, shape) in layer_shapes(unet) {
+        let mut t = Targets { by_key: HashMap::new(), ambiguous: vec![], shapes: HashMap::new(),
+                              quantized: Default::default() };
+        for (path, shape, quantized) in layer_shapes(unet) {
+            if quantized {
+                t.quantized.insert((Net::Unet, path.clone()));
+            }
             let mut keys = vec![format!("lora_unet_{}", path.replace('.', "_")), format!("unet.{path}")];
             if let Some(ldm) = crate::compvis::unet_key_to_compvis(&format!("{path}.weight"), unet_config) {
                 keys.push(format!("lora_unet_{}", ldm.trim_end_matches(".weight").replace('.', "_")));
             }
             t.add(Net::Unet, &path, shape, keys);
         }
-        for (path, shape) in layer_shapes(te) {
+        for (path, shape, quantized) in layer_shapes(te) {
+            if quantized {
+                t.quantized.insert((Net::TextEncoder, path.clone()));
+            }
             let bare = path.strip_prefix("text_model.").unwrap_or(&path).to_string();
             let keys = vec![format!("lora_te_{}", path.replace('.', "_")), format!("text_encoder.{path}"),
                             format!("text_encoder.text_model.{bare}"), format!("text_encoder.{bare}")];
@@ -207,13 +218,48 @@ impl PeftAlphas {
     }
 }
 
-/// A LoRA read and checked against the model: each adapted layer's ΔW = (α/r)·B A, not yet scaled.
+/// One adapted layer: ΔW = factor · B A with B = `up` (out × r) and A = `down` (r × fan_in), row-major.
+struct Layer {
+    net: Net,
+    /// The layer's path in the model (diffusers/transformers names).
+    path: String,
+    /// The weight's PyTorch-layout shape.
+    shape: Vec<usize>,
+    rank: usize,
+    down: Vec<f32>,
+    up: Vec<f32>,
+    /// α / r (α / √r with rsLoRA).
+    factor: f64,
+}
+
+impl Layer {
+    /// ΔW = factor · B A (out × fan_in, row-major), multiplied in f32 as diffusers does.
+    fn delta(&self) -> Vec<f32> {
+        let (out, fan_in) = (self.shape[0], self.shape[1..].iter().product::<usize>());
+        let b = faer::MatRef::from_row_major_slice(&self.up, out, self.rank);
+        let a = faer::MatRef::from_row_major_slice(&self.down, self.rank, fan_in);
+        let ba: faer::Mat<f32> = b * a;
+        let f = self.factor as f32;
+        let mut d = Vec::with_capacity(out * fan_in);
+        for i in 0..out {
+            d.extend((0..fan_in).map(|j| ba[(i, j)] * f));
+        }
+        d
+    }
+}
+
+/// A LoRA read and checked against the model: its factors per adapted layer (ΔW is formed one layer at a time
+/// while merging, so a full-size LoRA never holds a second copy of the UNet).
 pub struct Lora {
     path: PathBuf,
     format: &'static str,
     sha256: String,
-    deltas: Vec<(Net, String, Vec<usize>, Vec<f32>)>,
+    layers: Vec<Layer>,
 }
+
+/// Merged weights are handed to the module in chunks of about this many bytes (f32), bounding the extra memory of
+/// a merge whatever the LoRA's size.
+const MERGE_CHUNK_BYTES: usize = 128 << 20;
 
 /// The suffixes of the two formats: (suffix, role).
 const SUFFIXES: [(&str, &str); 5] = [(".lora_down.weight", "down"), (".lora_up.weight", "up"), (".alpha", "alpha"),
@@ -283,7 +329,7 @@ impl Lora {
             return Err(bad("mixes kohya (`lora_unet_…`) and diffusers (`unet.…`) names".into()));
         }
         let alphas = PeftAlphas::new(mapped.metadata().as_ref(), &bad)?;
-        let mut deltas = vec![];
+        let mut layers = vec![];
         let mut seen = std::collections::HashSet::new();
         for (stem, pair) in pairs {
             if targets.ambiguous.contains(&stem) {
@@ -292,6 +338,10 @@ impl Lora {
             let Some((net, layer)) = targets.by_key.get(&stem) else {
                 return Err(bad(format!("{stem} names no Linear or Conv2d layer of this model")));
             };
+            if targets.quantized.contains(&(*net, layer.clone())) {
+                return Err(bad(format!(
+                    "{layer} is quantized (a bundle): merge the LoRA into the model the bundle is built from")));
+            }
             if !seen.insert((*net, layer.clone())) {
                 return Err(bad(format!("{layer} of the {} is adapted twice", net.name())));
             }
@@ -322,99 +372,98 @@ impl Lora {
             if !factor.is_finite() {
                 return Err(bad(format!("{stem}: alpha {alpha} gives a non-finite scale")));
             }
-            // ΔW = factor · B A, accumulated in f64 (out × fan_in, the layer's own size).
-            let mut delta = vec![0f32; out * fan_in];
-            for o in 0..out {
-                let row = &mut delta[o * fan_in..(o + 1) * fan_in];
-                let mut acc = vec![0f64; fan_in];
-                for r in 0..rank {
-                    let b = up[o * rank + r] as f64;
-                    if b != 0.0 {
-                        for (a, &d) in acc.iter_mut().zip(&down[r * fan_in..(r + 1) * fan_in]) {
-                            *a += b * d as f64;
-                        }
-                    }
-                }
-                for (x, a) in row.iter_mut().zip(acc) {
-                    *x = (a * factor) as f32;
-                }
-            }
-            deltas.push((*net, layer.clone(), w_shape.clone(), delta));
+            layers.push(Layer { net: *net, path: layer.clone(), shape: w_shape.clone(), rank, down, up, factor });
         }
-        Ok(Self { path: path.to_path_buf(), format: if kohya { "kohya" } else { "peft" }, sha256, deltas })
+        Ok(Self { path: path.to_path_buf(), format: if kohya { "kohya" } else { "peft" }, sha256, layers })
     }
 
     /// Whether the LoRA adapts the text encoder.
     pub fn touches_text_encoder(&self) -> bool {
-        self.deltas.iter().any(|(n, ..)| *n == Net::TextEncoder)
+        self.layers.iter().any(|l| l.net == Net::TextEncoder)
     }
 
-    /// Merges `scale` · ΔW into the weights. On error the modules are unchanged.
+    /// Merges `scale` · ΔW into the weights, in place, a chunk of layers at a time. Every check that does not need
+    /// the merged values (scale, quantized targets) runs before any weight changes; a merge that overflows to
+    /// NaN/Inf stops with an error and leaves the modules partly merged, so callers drop them (the load fails).
     pub fn merge(&self, scale: f64, unet: &mut UNet2DConditionModel, te: &mut CLIPTextModel, precision: Precision)
         -> Result<AppliedLora> {
         LoraSpec { path: self.path.clone(), scale }.check_scale()?;
+        let unet_layers: Vec<&Layer> = self.layers.iter().filter(|l| l.net == Net::Unet).collect();
+        let te_layers: Vec<&Layer> = self.layers.iter().filter(|l| l.net == Net::TextEncoder).collect();
+        self.refuse_quantized(unet, &unet_layers)?;
+        self.refuse_quantized(te, &te_layers)?;
+        self.merge_into(unet, &unet_layers, scale, precision)?;
+        self.merge_into(te, &te_layers, scale, precision)?;
         let mut layers = BTreeMap::new();
-        let mut new_unet = None;
-        let mut new_te = None;
-        for net in [Net::Unet, Net::TextEncoder] {
-            let deltas: Vec<_> = self.deltas.iter().filter(|(n, ..)| *n == net).collect();
-            if deltas.is_empty() {
-                continue;
+        for (net, n) in [(Net::Unet, unet_layers.len()), (Net::TextEncoder, te_layers.len())] {
+            if n > 0 {
+                layers.insert(net.name().to_string(), n);
             }
-            layers.insert(net.name().to_string(), deltas.len());
-            match net {
-                Net::Unet => new_unet = Some(self.merged(unet, &deltas, scale, precision)?),
-                Net::TextEncoder => new_te = Some(self.merged(te, &deltas, scale, precision)?),
-            }
-        }
-        if let Some(u) = new_unet {
-            *unet = u;
-        }
-        if let Some(t) = new_te {
-            *te = t;
         }
         Ok(AppliedLora { path: self.path.clone(), scale, format: self.format.to_string(), layers,
                          sha256: self.sha256.clone() })
     }
 
-    /// A copy of `module` with `scale` · ΔW added to each layer of `deltas`.
-    fn merged<M: ModuleSnapshot + Clone>(&self, module: &M, deltas: &[&(Net, String, Vec<usize>, Vec<f32>)],
-                                         scale: f64, precision: Precision) -> Result<M> {
-        let bad = |m: String| Error::InvalidLora { file: self.path.clone(), message: m };
-        let wanted: HashMap<String, &(Net, String, Vec<usize>, Vec<f32>)> =
-            deltas.iter().map(|d| (format!("{}.weight", d.1), *d)).collect();
-        let mut tensors = vec![];
+    fn refuse_quantized<M: ModuleSnapshot>(&self, module: &M, layers: &[&Layer]) -> Result<()> {
+        let names: std::collections::HashSet<String> = layers.iter().map(|l| format!("{}.weight", l.path)).collect();
         for snap in module.collect(None, Some(Box::new(BurnToPyTorchAdapter)), true) {
-            let Some((_, layer, shape, delta)) = wanted.get(&snap.name).copied() else { continue };
-            let name = snap.name.clone();
-            let data = burn::store::bridge::into_data(snap).map_err(|e| Error::Internal(format!("{name}: {e:?}")))?;
-            if matches!(data.dtype(), DType::QFloat(_)) {
-                return Err(bad(format!(
-                    "{layer} is quantized (a bundle): merge the LoRA into the model the bundle is built from")));
+            if names.contains(&snap.name) && matches!(snap.dtype, DType::QFloat(_)) {
+                return Err(Error::InvalidLora { file: self.path.clone(), message: format!(
+                    "{} is quantized (a bundle): merge the LoRA into the model the bundle is built from", snap.name) });
             }
-            if data.shape().as_slice() != shape.as_slice() {
-                return Err(Error::Internal(format!("{name}: shape changed to {:?}", data.shape())));
+        }
+        Ok(())
+    }
+
+    /// Adds `scale` · ΔW to each of `layers` in `module`.
+    fn merge_into<M: ModuleSnapshot>(&self, module: &mut M, layers: &[&Layer], scale: f64, precision: Precision)
+        -> Result<()> {
+        if layers.is_empty() {
+            return Ok(());
+        }
+        let bad = |m: String| Error::InvalidLora { file: self.path.clone(), message: m };
+        let by_name: HashMap<String, &Layer> = layers.iter().map(|l| (format!("{}.weight", l.path), *l)).collect();
+        // Only the snapshots of adapted layers are kept, and each is dropped once read, so a replaced weight is freed
+        // as soon as its merged copy is in the module.
+        let mut pending: Vec<_> = module.collect(None, Some(Box::new(BurnToPyTorchAdapter)), true).into_iter()
+            .filter(|s| by_name.contains_key(&s.name)).collect();
+        if pending.len() != layers.len() {
+            return Err(Error::Internal(format!("{} of {} LoRA layers found in the module", pending.len(), layers.len())));
+        }
+        pending.reverse();
+        while !pending.is_empty() {
+            let mut chunk = vec![];
+            let mut bytes = 0;
+            while bytes < MERGE_CHUNK_BYTES && let Some(snap) = pending.pop() {
+                let layer = by_name[&snap.name];
+                let name = snap.name.clone();
+                let data = burn::store::bridge::into_data(snap).map_err(|e| Error::Internal(format!("{name}: {e:?}")))?;
+                if data.shape().as_slice() != layer.shape.as_slice() {
+                    return Err(Error::Internal(format!("{name}: shape changed to {:?}", data.shape())));
+                }
+                let mut w = data.convert::<f32>().try_into_vec::<f32>()
+                    .map_err(|e| Error::Internal(format!("{name}: {e:?}")))?;
+                for (w, d) in w.iter_mut().zip(layer.delta()) {
+                    *w += (scale * d as f64) as f32;
+                }
+                if w.iter().any(|x| !x.is_finite()) {
+                    return Err(bad(format!("{} becomes NaN or Inf with the LoRA merged at scale {scale}", layer.path)));
+                }
+                bytes += w.len() * 4;
+                chunk.push(OwnedTensor::f32(name, layer.shape.clone(), &w));
             }
-            let w = data.convert::<f32>().try_into_vec::<f32>().map_err(|e| Error::Internal(format!("{name}: {e:?}")))?;
-            let merged: Vec<f32> = w.iter().zip(delta).map(|(&w, &d)| w + (scale * d as f64) as f32).collect();
-            if merged.iter().any(|x| !x.is_finite()) {
-                return Err(bad(format!("{layer} becomes NaN or Inf with the LoRA merged at scale {scale}")));
+            let n = chunk.len();
+            let serialized = crate::weights::safetensors_bytes(&chunk, None)?;
+            drop(chunk);
+            let adapter = PyTorchToBurnAdapter.chain(FloatCastAdapter::to(precision.dtype()));
+            let mut store = SafetensorsStore::from_bytes(Some(serialized)).with_from_adapter(adapter)
+                .allow_partial(true).validate(false).skip_enum_variants(true);
+            let result = module.load_from(&mut store).map_err(|e| Error::Internal(format!("merging a LoRA: {e}")))?;
+            if !result.errors.is_empty() || !result.unused.is_empty() || result.applied.len() != n {
+                return Err(Error::Internal(format!("merging a LoRA: {:?} {:?}", result.errors, result.unused)));
             }
-            tensors.push(OwnedTensor::f32(name, shape.clone(), &merged));
         }
-        if tensors.len() != wanted.len() {
-            return Err(Error::Internal(format!("{} of {} LoRA layers found in the module", tensors.len(), wanted.len())));
-        }
-        let bytes = crate::weights::safetensors_bytes(&tensors, None)?;
-        let mut out = module.clone();
-        let adapter = PyTorchToBurnAdapter.chain(FloatCastAdapter::to(precision.dtype()));
-        let mut store = SafetensorsStore::from_bytes(Some(bytes)).with_from_adapter(adapter).allow_partial(true)
-            .validate(false).skip_enum_variants(true);
-        let result = out.load_from(&mut store).map_err(|e| Error::Internal(format!("merging a LoRA: {e}")))?;
-        if !result.errors.is_empty() || !result.unused.is_empty() || result.applied.len() != wanted.len() {
-            return Err(Error::Internal(format!("merging a LoRA: {:?} {:?}", result.errors, result.unused)));
-        }
-        Ok(out)
+        Ok(())
     }
 }
 

@@ -174,3 +174,73 @@ fn cli_generates_with_a_lora_and_lcm() {
     assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// kohya files written with the original LDM names (`lora_unet_input_blocks_1_1_proj_in`, as sd-scripts writes for
+/// some models) merge to the same model as the diffusers-named file.
+#[test]
+fn kohya_ldm_names_merge_the_same() {
+    use burn::store::ModuleSnapshot;
+    let dir = tmp_dir("lcm-lora", "ldm");
+    let base = load("tiny", DeviceChoice::Cpu);
+    let mut rename = std::collections::HashMap::new();
+    for t in base.unet.collect(None, Some(Box::new(burn::store::BurnToPyTorchAdapter)), true) {
+        let Some(path) = t.name.strip_suffix(".weight") else { continue };
+        if let Some(ldm) = unsee::compvis::unet_key_to_compvis(&t.name, &base.unet_config) {
+            rename.insert(format!("lora_unet_{}", path.replace('.', "_")),
+                          format!("lora_unet_{}", ldm.trim_end_matches(".weight").replace('.', "_")));
+        }
+    }
+    let src = unsee::weights::MappedSafetensors::open(&lora_file("kohya")).unwrap();
+    let mut tensors = vec![];
+    let mut renamed = 0;
+    for (name, view) in src.tensors().tensors() {
+        let (stem, suffix) = name.split_once('.').unwrap();
+        let stem = match rename.get(stem) {
+            Some(ldm) if ldm != stem => {
+                renamed += 1;
+                ldm.clone()
+            }
+            _ => stem.to_string(),
+        };
+        tensors.push(OwnedTensor { name: format!("{stem}.{suffix}"), dtype: view.dtype(), shape: view.shape().to_vec(),
+                                   bytes: view.data().to_vec() });
+    }
+    assert!(renamed >= 30, "only {renamed} tensors renamed");
+    let ldm = dir.join("ldm.safetensors");
+    write_safetensors(&ldm, &tensors, None).unwrap();
+    let a = load_with(vec![LoraSpec { path: lora_file("kohya"), scale: 0.7 }]).unwrap();
+    let b = load_with(vec![LoraSpec { path: ldm, scale: 0.7 }]).unwrap();
+    let g = golden();
+    let sample: Tensor<4> = g.tensor("unet_in.sample", a.dev());
+    let ctx = Tensor::cat(vec![a.encode_prompt("x").unwrap().0, a.encode_prompt("y").unwrap().0], 0);
+    assert_eq!(host(a.unet.forward(sample.clone(), 499.0, &ctx)), host(b.unet.forward(sample, 499.0, &ctx)));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A quantized bundle's weights cannot take a LoRA (the merge would be lost to rounding or need dequantizing the
+/// whole layer): refused by name, while a bundle built from an engine with the LoRA merged carries it.
+#[test]
+fn quantized_bundles_refuse_a_lora_and_carry_a_merged_one() {
+    use unsee::bundle::BuildOptions;
+    use unsee::quant::Quant;
+    let dir = tmp_dir("lcm-lora", "bundle");
+    let lora = LoraSpec { path: lora_file("kohya"), scale: 0.7 };
+    let open = |model: PathBuf, loras: Vec<LoraSpec>| Engine::open(&EngineOptions {
+        model, device: DeviceChoice::Cpu, loras, ..Default::default()
+    });
+    let opts = BuildOptions { quant: Quant::Int8, sign: None, creator: "test".into() };
+    open(model_dir("tiny"), vec![]).unwrap().build_bundle(&opts, &dir.join("plain"), &mut |_, _, _| {}).unwrap();
+    match open(dir.join("plain"), vec![lora.clone()]) {
+        Err(e @ Error::InvalidLora { .. }) => assert!(e.to_string().contains("quantized"), "{e}"),
+        other => panic!("expected InvalidLora, got {:?}", other.map(|_| ())),
+    }
+    let merged = open(model_dir("tiny"), vec![lora]).unwrap();
+    merged.build_bundle(&BuildOptions { quant: Quant::F16, ..opts }, &dir.join("merged"), &mut |_, _, _| {}).unwrap();
+    let bundled = open(dir.join("merged"), vec![]).unwrap();
+    let te = |e: &Engine| host(e.encode_prompt("a lighthouse at dusk").unwrap().0);
+    let want = golden();
+    assert_close("bundle with the LoRA merged: text encoder", &te(&bundled), want.f32("kohya.te_hidden").1, 2e-2);
+    let base = open(model_dir("tiny"), vec![]).unwrap();
+    assert!(compare("base", &te(&base), want.f32("kohya.te_hidden").1, 2e-2).is_err(), "the tolerance cannot tell");
+    let _ = std::fs::remove_dir_all(&dir);
+}
