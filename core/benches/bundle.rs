@@ -17,29 +17,16 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use unsee::bundle::BuildOptions;
-use unsee::device::{DeviceChoice, select};
+use unsee::device::DeviceChoice;
 use unsee::engine::{Engine, EngineOptions};
 use unsee::erase::spec::Method;
 use unsee::load::{LoadOptions, StableDiffusion};
 use unsee::pipeline::{Control, GenerateRequest, Inputs, Target};
 use unsee::quant::Quant;
 use unsee::shapes::eval::{Erasure, Measure, Row, Settings, baseline, measure_model, quality};
-use unsee::weights::Precision;
 
-fn env<T: std::str::FromStr>(k: &str, d: T) -> T {
-    std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
-}
-
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status").ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_string))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
-        .map(|kb| kb / 1024.0).unwrap_or(f64::NAN)
-}
-
-fn cpu() -> unsee::device::SelectedDevice {
-    select(DeviceChoice::Cpu, Precision::F32).unwrap()
-}
+mod common;
+use common::{cpu, env, peak_rss_mib, write_random_sd15};
 
 fn engine(model: &Path) -> Engine {
     Engine::open(&EngineOptions { model: model.to_path_buf(), device: DeviceChoice::Cpu, ..EngineOptions::default() })
@@ -106,37 +93,6 @@ fn shapes(tmp: &Path) {
         }
     }
     println!();
-}
-
-/// Writes a random full-size SD-1.5 diffusers folder (burn's initialisers, seeded by burn's RNG).
-fn write_random_sd15(dir: &Path) {
-    use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, SafetensorsStore};
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let cfg = repo.join("models/sd15-config");
-    let d = cpu();
-    let dev = &d.device;
-    for (c, f) in [("text_encoder", "config.json"), ("unet", "config.json"), ("vae", "config.json"),
-                   ("scheduler", "scheduler_config.json")] {
-        std::fs::create_dir_all(dir.join(c)).unwrap();
-        std::fs::copy(cfg.join(c).join(f), dir.join(c).join(f)).unwrap();
-    }
-    std::fs::create_dir_all(dir.join("tokenizer")).unwrap();
-    for e in std::fs::read_dir(repo.join("models/shapes-sd/tokenizer")).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), dir.join("tokenizer").join(e.file_name())).unwrap();
-    }
-    fn save<M: ModuleSnapshot>(m: &M, path: &Path) {
-        let mut store = SafetensorsStore::from_file(path).with_to_adapter(BurnToPyTorchAdapter).metadata("format", "pt")
-            .skip_enum_variants(true);
-        m.save_into(&mut store).unwrap();
-    }
-    let tcfg = unsee::model::read_config(&cfg, "text_encoder", "config.json").unwrap();
-    save(&unsee::clip::CLIPTextModel::new(&tcfg, dev).unwrap(), &dir.join("text_encoder/model.safetensors"));
-    let ucfg = unsee::model::read_config(&cfg, "unet", "config.json").unwrap();
-    save(&unsee::unet::UNet2DConditionModel::new(&ucfg, dev).unwrap(),
-         &dir.join("unet/diffusion_pytorch_model.safetensors"));
-    let vcfg = unsee::model::read_config(&cfg, "vae", "config.json").unwrap();
-    save(&unsee::vae::AutoencoderKL::new(&vcfg, dev).unwrap(), &dir.join("vae/diffusion_pytorch_model.safetensors"));
 }
 
 /// The child: one generate, then a JSON line on stdout.

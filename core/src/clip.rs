@@ -126,6 +126,13 @@ pub struct CLIPTextModel {
 
 impl CLIPTextModel {
     pub fn new(cfg: &ClipTextConfig, device: &Device) -> Result<Self> {
+        Self::new_with_table_on(cfg, device, device)
+    }
+
+    /// [`new`](Self::new) with the token-embedding table on `table_device`: the CPU when the table (49,408 × 768 f32
+    /// = 152 MB for SD-1.x) is larger than what one GPU shader can bind (128 MiB on lavapipe and many phones). Only
+    /// the prompt's 77 rows are looked up, so the lookup runs there and hands the rows to `device`.
+    pub fn new_with_table_on(cfg: &ClipTextConfig, device: &Device, table_device: &Device) -> Result<Self> {
         cfg.validate().map_err(|m| Error::invalid_model("text_encoder/config.json", m))?;
         let d = cfg.hidden_size;
         let eps = cfg.layer_norm_eps;
@@ -150,7 +157,7 @@ impl CLIPTextModel {
         Ok(Self {
             text_model: ClipTextTransformer {
                 embeddings: ClipEmbeddings {
-                    token_embedding: EmbeddingConfig::new(cfg.vocab_size, d).init(device),
+                    token_embedding: EmbeddingConfig::new(cfg.vocab_size, d).init(table_device),
                     position_embedding: EmbeddingConfig::new(cfg.max_position_embeddings, d).init(device),
                 },
                 encoder: ClipEncoder { layers },
@@ -161,7 +168,29 @@ impl CLIPTextModel {
 
     /// Token embeddings plus position embeddings for `ids` (`[b, s]`), the input of layer 0.
     pub fn embed(&self, ids: Tensor<2, Int>) -> Tensor<3> {
-        self.add_positions(self.text_model.embeddings.token_embedding.forward(ids))
+        self.add_positions(self.token_embed(ids))
+    }
+
+    /// Token embeddings of `ids` (`[b, s]`, before positions), on `ids`' device, looked up where the table lives.
+    pub fn token_embed(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        let table = self.token_embedding_device();
+        let dev = ids.device();
+        if table == dev {
+            self.text_model.embeddings.token_embedding.forward(ids)
+        } else {
+            self.text_model.embeddings.token_embedding.forward(ids.to_device(&table)).to_device(&dev)
+        }
+    }
+
+    /// The device of the token-embedding table ([`new_with_table_on`](Self::new_with_table_on)).
+    pub fn token_embedding_device(&self) -> Device {
+        self.text_model.embeddings.token_embedding.weight.val().device()
+    }
+
+    /// Whether the token-embedding table lives on another device than the encoder (a GPU with a small binding
+    /// limit): work that needs the whole table on the device (the attacks, hardening) is refused there.
+    pub fn table_is_offloaded(&self) -> bool {
+        self.token_embedding_device() != self.text_model.final_layer_norm.gamma.val().device()
     }
 
     /// `inputs_embeds` (token embeddings `[b, s, hidden]`, before positions) plus position embeddings.

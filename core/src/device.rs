@@ -36,6 +36,9 @@ pub struct Adapter {
     pub backend: String,
     pub device_type: String,
     pub shader_f16: bool,
+    /// The largest storage buffer a shader can bind (`max_storage_buffer_binding_size`): 128 MiB on lavapipe and
+    /// many phones' Vulkan drivers. burn's wgpu runtime asks for the adapter's own limits.
+    pub max_storage_binding_bytes: u64,
     #[serde(skip)]
     kind: DeviceKind,
 }
@@ -58,14 +61,15 @@ pub fn list_adapters() -> Vec<Adapter> {
         let instance = wgpu::Instance::new(desc);
         pollster::block_on(instance.enumerate_adapters(backends))
             .into_iter()
-            .map(|a| (a.get_info(), a.features().contains(wgpu::Features::SHADER_F16)))
+            .map(|a| (a.get_info(), a.features().contains(wgpu::Features::SHADER_F16),
+                      a.limits().max_storage_buffer_binding_size as u64))
             .collect::<Vec<_>>()
     });
     let Ok(listed) = listed else { return vec![] };
     let mut counts = [0usize; 4];
     let mut adapters: Vec<Adapter> = listed
         .into_iter()
-        .filter_map(|(info, f16)| {
+        .filter_map(|(info, f16, max_binding)| {
             let (slot, kind): (usize, fn(usize) -> DeviceKind) = match info.device_type {
                 wgpu::DeviceType::DiscreteGpu => (0, DeviceKind::DiscreteGpu),
                 wgpu::DeviceType::IntegratedGpu => (1, DeviceKind::IntegratedGpu),
@@ -80,6 +84,7 @@ pub fn list_adapters() -> Vec<Adapter> {
                 backend: format!("{:?}", info.backend),
                 device_type: format!("{:?}", info.device_type),
                 shader_f16: f16,
+                max_storage_binding_bytes: max_binding,
                 kind: kind(index),
             })
         })
@@ -100,6 +105,31 @@ pub struct SelectedDevice {
     pub description: String,
     pub is_gpu: bool,
     pub precision: Precision,
+    /// The largest tensor one shader can bind on this device (`None`: no limit, the CPU).
+    pub max_binding_bytes: Option<u64>,
+}
+
+impl SelectedDevice {
+    /// Where a parameter of `bytes` bytes that is only ever read a few rows at a time (the token-embedding table)
+    /// lives: on the device when it fits one binding, else on the CPU, which looks the rows up and hands them over.
+    pub fn lookup_table_device(&self, bytes: u64) -> Device {
+        match self.max_binding_bytes {
+            Some(limit) if bytes > limit => Device::flex(),
+            _ => self.device.clone(),
+        }
+    }
+
+    /// Refuses a model whose parameter `name` (`bytes`) is larger than one binding of this device, with the limit
+    /// named, before any weight is read.
+    pub fn check_fits(&self, component: &str, name: &str, bytes: u64) -> Result<()> {
+        match self.max_binding_bytes {
+            Some(limit) if bytes > limit => Err(Error::DeviceUnavailable(format!(
+                "{}: {component}.{name} needs {:.1} MiB in one buffer, but this device binds at most {:.1} MiB per \
+                 buffer (max_storage_buffer_binding_size); use --device cpu", self.description,
+                bytes as f64 / 1048576.0, limit as f64 / 1048576.0))),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl std::fmt::Debug for SelectedDevice {
@@ -115,6 +145,7 @@ fn cpu(precision: Precision) -> SelectedDevice {
         description: format!("cpu (burn flex, {threads} threads)"),
         is_gpu: false,
         precision,
+        max_binding_bytes: None,
     }
 }
 
@@ -141,6 +172,7 @@ pub fn select(choice: DeviceChoice, precision: Precision) -> Result<SelectedDevi
                 description: format!("gpu: {} ({}{software})", a.name, a.backend),
                 is_gpu: true,
                 precision,
+                max_binding_bytes: Some(a.max_storage_binding_bytes),
             }
         }
         DeviceChoice::Auto => match gpu(false) {
@@ -149,6 +181,7 @@ pub fn select(choice: DeviceChoice, precision: Precision) -> Result<SelectedDevi
                 description: format!("gpu: {} ({}), chosen by --device auto", a.name, a.backend),
                 is_gpu: true,
                 precision,
+                max_binding_bytes: Some(a.max_storage_binding_bytes),
             },
             None => {
                 let mut s = cpu(precision);

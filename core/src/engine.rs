@@ -248,6 +248,17 @@ impl Engine {
         Ok(())
     }
 
+    /// Refuses work that needs the whole token-embedding table on the device when the table had to stay on the CPU
+    /// (a GPU whose binding limit is smaller than the table).
+    fn refuse_if_table_offloaded(&self, what: &str) -> Result<()> {
+        if self.model.text_encoder.table_is_offloaded() {
+            return Err(Error::DeviceUnavailable(format!(
+                "{what} need the whole token-embedding table on the device, and it is larger than what {} binds: run \
+                 them with --device cpu", self.model.device.description)));
+        }
+        Ok(())
+    }
+
     /// Refuses work that needs floating-point weights (training, attacks, exports) on a quantized bundle.
     fn refuse_if_bundle(&self, what: &str) -> Result<()> {
         if self.model.bundle.is_some() {
@@ -367,6 +378,7 @@ impl Engine {
                   cancelled: &dyn Fn() -> bool) -> Result<AttackReport> {
         self.refuse_if_guarded("attacks (they feed raw conditioning)")?;
         self.refuse_if_bundle("attack")?;
+        self.refuse_if_table_offloaded("attacks")?;
         let replaced = self.opts.text_encoder.is_some();
         let attacked = if !self.applied.is_empty() || self.hardened_from.is_some() || replaced {
             self.model.clone()
@@ -407,6 +419,7 @@ impl Engine {
                   cancelled: &dyn Fn() -> bool) -> Result<HardenReport> {
         self.refuse_if_guarded("hardening (it replaces the text encoder)")?;
         self.refuse_if_bundle("harden")?;
+        self.refuse_if_table_offloaded("hardening")?;
         let (te, report) = crate::erase::harden::harden(&self.model, spec, progress, cancelled)?;
         let before = std::mem::replace(&mut self.model.text_encoder, te);
         self.model.text_encoder_identity = None;

@@ -41,10 +41,48 @@ pub struct LoadOptions {
 fn load_text_encoder(root: &Path, component: &str, device: &SelectedDevice, check: bool,
                      bundle: Option<&crate::bundle::Verified>) -> Result<(CLIPTextModel, ClipTextConfig, PathBuf)> {
     let config: ClipTextConfig = read_config(root, component, "config.json")?;
-    let mut model = CLIPTextModel::new(&config, &device.device)?;
+    let mut model = new_text_encoder(&config, device)?;
     let file = component_weights(root, component, "model")?;
     load_weights(&mut model, component, &file, device, check, bundle)?;
     Ok((model, config, file))
+}
+
+/// A text encoder for `device`: the token-embedding table stays on the CPU when one GPU binding cannot hold it
+/// ([`CLIPTextModel::new_with_table_on`]); every other parameter must fit one binding ([`check_fits`]).
+fn new_text_encoder(config: &ClipTextConfig, device: &SelectedDevice) -> Result<CLIPTextModel> {
+    let table_bytes = (config.vocab_size * config.hidden_size * 4) as u64;
+    let table_device = device.lookup_table_device(table_bytes);
+    if table_device != device.device {
+        tracing::info!("token-embedding table ({:.0} MB) kept on the CPU: {} binds at most {:.0} MiB",
+                       table_bytes as f64 / 1e6, device.description,
+                       device.max_binding_bytes.unwrap_or(0) as f64 / 1048576.0);
+    }
+    CLIPTextModel::new_with_table_on(config, &device.device, &table_device)
+}
+
+/// Refuses, from the file's header and before any weight is read, a weight file with a tensor larger than one
+/// binding of `device` in the precision it will be stored in (the token-embedding table excepted: it stays on the
+/// CPU, [`new_text_encoder`]).
+fn check_fits(file: &Path, component: &str, device: &SelectedDevice) -> Result<()> {
+    if device.max_binding_bytes.is_none() {
+        return Ok(());
+    }
+    let mapped = crate::weights::MappedSafetensors::open(file)?;
+    let bytes_per_value = match device.precision {
+        crate::weights::Precision::F32 => 4,
+        crate::weights::Precision::F16 => 2,
+    };
+    for (name, view) in mapped.tensors().tensors() {
+        if !name.ends_with("embeddings.token_embedding.weight") {
+            // Quantized values stay one byte each on the device (burn's QFloat).
+            let per_value = match view.dtype() {
+                safetensors::Dtype::I8 | safetensors::Dtype::U8 => 1,
+                _ => bytes_per_value,
+            };
+            device.check_fits(component, &name, view.shape().iter().product::<usize>() as u64 * per_value)?;
+        }
+    }
+    Ok(())
 }
 
 /// Loads one component's weight file: through [`crate::quant::load_component`] (hashed against the manifest) for
@@ -52,6 +90,7 @@ fn load_text_encoder(root: &Path, component: &str, device: &SelectedDevice, chec
 fn load_weights<M: burn::store::ModuleSnapshot>(module: &mut M, component: &str, file: &Path,
                                                 device: &SelectedDevice, check: bool,
                                                 bundle: Option<&crate::bundle::Verified>) -> Result<()> {
+    check_fits(file, component, device)?;
     if let Some(b) = bundle {
         crate::quant::load_component(module, component, file, device.precision, Some(&b.expected(file)?))?;
         return Ok(());
@@ -200,7 +239,8 @@ impl StableDiffusion {
                 }
             }
             ModelLocation::SingleFile { file, .. } => {
-                text_encoder = CLIPTextModel::new(&text_config, dev)?;
+                text_encoder = new_text_encoder(&text_config, &device)?;
+                check_fits(file, "checkpoint", &device)?;
                 let mapped = check_file(file, "checkpoint", opts.check)?;
                 let parts = crate::compvis::split_checkpoint(&mapped, &unet_config, &vae_config)?;
                 load_module(&mut text_encoder, "text_encoder",
@@ -237,7 +277,7 @@ impl StableDiffusion {
                 };
                 let config: ClipTextConfig = read_config(&config_root, &component, "config.json")?;
                 check_text_encoder(te, &config, &unet_config, &tokenizer)?;
-                let mut model = CLIPTextModel::new(&config, dev)?;
+                let mut model = new_text_encoder(&config, &device)?;
                 let bytes = crate::pickle::text_encoder_safetensors(&ckpt)?;
                 load_module(&mut model, "text_encoder", TensorSource::Bytes { origin: ckpt.clone(), bytes }, precision)?;
                 (text_encoder, text_config) = (model, config);

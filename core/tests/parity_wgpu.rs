@@ -74,3 +74,27 @@ fn tiny_model_in_f16_on_wgpu_stays_close_to_diffusers() {
     // Half precision through ~40 layers and 10 steps: the same bound as f16 on the CPU.
     cpu::check_run(&sd, &g, "ddim", SchedulerKind::Ddim, 5e-2);
 }
+
+/// A device that binds less than the token-embedding table (as lavapipe and many phones do for full-size SD-1.5,
+/// whose table is 152 MB against 128 MiB): the table stays on the CPU, the prompt's rows are looked up there, and
+/// the results are unchanged; a device too small for an ordinary weight is refused by name before any weight is
+/// read. The limit is set on the selected device to simulate the smaller one.
+#[test]
+fn a_small_binding_limit_keeps_the_table_on_the_cpu() {
+    if !gpu_available() {
+        return;
+    }
+    use unsee::load::{LoadOptions, StableDiffusion};
+    let mut dev = unsee::device::select(DeviceChoice::Gpu, unsee::weights::Precision::F32).unwrap();
+    // tiny-sd: the table is 49,408 × 32 f32 = 6.3 MB; its largest other weight is well under 1 MB.
+    dev.max_binding_bytes = Some(4 << 20);
+    let sd = StableDiffusion::load(&model_dir("tiny"), dev.clone(), &LoadOptions::default()).unwrap();
+    assert!(sd.text_encoder.table_is_offloaded());
+    let g = Golden::load("tiny");
+    cpu::check_text_encoder(&sd, &g, 1e-4);
+    dev.max_binding_bytes = Some(16 << 10);
+    match StableDiffusion::load(&model_dir("tiny"), dev, &LoadOptions::default()) {
+        Err(e @ unsee::Error::DeviceUnavailable(_)) => assert!(e.to_string().contains("binds at most"), "{e}"),
+        other => panic!("expected DeviceUnavailable, got {:?}", other.map(|_| ())),
+    }
+}

@@ -94,8 +94,9 @@ pub fn init_from(sd: &StableDiffusion, words: &str) -> Result<Tensor<1>> {
         return Err(Error::InvalidRequest(format!("{words:?} has no tokens to start the inversion from")));
     }
     let n = ids.len();
-    let rows = sd.text_encoder.token_embeddings()
-        .select(0, Tensor::<1, Int>::from_data(TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [n]), sd.dev()));
+    let ids_t = Tensor::<2, Int>::from_data(TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, n]),
+                                            sd.dev());
+    let rows = sd.text_encoder.token_embed(ids_t).reshape([n, sd.text_encoder.hidden_size()]);
     Ok(rows.mean_dim(0).reshape([sd.text_encoder.hidden_size()]))
 }
 

@@ -103,5 +103,5 @@ impl<'a> DenoisingLoss<'a> {
 /// Token embeddings `[1, len, hidden]` of `ids` (constants).
 pub fn embed_ids(sd: &StableDiffusion, ids: &[u32]) -> Tensor<3> {
     let ids = crate::tensor::token_ids(ids, sd.dev());
-    sd.text_encoder.text_model.embeddings.token_embedding.forward(ids)
+    sd.text_encoder.token_embed(ids)
 }
