@@ -422,6 +422,11 @@ fn write_into(src: &Source, opts: &BuildOptions, dir: &Path, secret: Option<&min
     for (component, file) in &sd.files {
         base_model.insert(component.clone(), sha256_file(file)?.0);
     }
+    // LoRAs merged into the weights: `lora.<i>` = file name, sha256 and scale.
+    for (i, l) in sd.loras.iter().enumerate() {
+        base_model.insert(format!("lora.{i}"), format!("{} sha256={} scale={}",
+            l.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), l.sha256, l.scale));
+    }
     let text_encoder = BTreeMap::from([
         ("source".to_string(), src.text_encoder_source.clone()),
         ("hash".to_string(), crate::erase::matrices::text_encoder_hash_of(&sd.text_encoder)),

@@ -237,6 +237,8 @@ fn quantized_bundles_refuse_a_lora_and_carry_a_merged_one() {
     let merged = open(model_dir("tiny"), vec![lora]).unwrap();
     merged.build_bundle(&BuildOptions { quant: Quant::F16, ..opts }, &dir.join("merged"), &mut |_, _, _| {}).unwrap();
     let bundled = open(dir.join("merged"), vec![]).unwrap();
+    let manifest = bundled.info().unwrap().bundle.unwrap();
+    assert!(manifest.base_model["lora.0"].starts_with("lora_kohya.safetensors sha256="), "{:?}", manifest.base_model);
     let te = |e: &Engine| host(e.encode_prompt("a lighthouse at dusk").unwrap().0);
     let want = golden();
     assert_close("bundle with the LoRA merged: text encoder", &te(&bundled), want.f32("kohya.te_hidden").1, 2e-2);
