@@ -161,7 +161,7 @@ fn the_page_generates_through_the_guard_in_a_real_browser() {
     assert!(panel.contains("red circle → red square") && panel.contains("uce, no-circles.safetensors"), "{panel}");
     assert_eq!(b.eval("document.getElementById('compare-row').hidden"), json!(false));
     let samplers = b.eval("[...document.getElementById('sampler').options].map(o => o.value).join('|')");
-    assert_eq!(samplers, "DDIM|Euler a|DPM++ 2M|DPM++ 2M Karras");
+    assert_eq!(samplers, "DDIM|Euler a|DPM++ 2M|DPM++ 2M Karras|LCM");
 
     // the settings a user would pick, then the prompt typed into the focused field and Enter pressed
     b.eval("document.getElementById('seed').value = '5'; document.getElementById('cfg').value = '4'; true");

@@ -113,7 +113,7 @@ fn txt2img_is_the_engines_image_and_the_guard_holds() {
 
     let samplers = get(addr, "/sdapi/v1/samplers").json();
     let names: Vec<&str> = samplers.as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["DDIM", "Euler a", "DPM++ 2M", "DPM++ 2M Karras"]);
+    assert_eq!(names, ["DDIM", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "LCM"]);
     assert_eq!(get(addr, "/sdapi/v1/sd-models").json()[0]["model_name"], "shapes-sd");
     assert_eq!(get(addr, "/sdapi/v1/options").json()["sd_model_checkpoint"], "shapes-sd");
     let page = get(addr, "/");
