@@ -13,7 +13,7 @@ use unsee::vae::{AutoencoderKL, VaeConfig};
 use unsee::weights::{MappedSafetensors, Precision, TensorSource, load_module};
 
 /// The targets, by name (the names of `fuzz/fuzz_targets/*.rs` and `fuzz/corpus/*`).
-pub const TARGETS: [(&str, fn(&[u8])); 10] = [
+pub const TARGETS: [(&str, fn(&[u8])); 11] = [
     ("safetensors_load", safetensors_load),
     ("compvis", compvis),
     ("config", config),
@@ -24,6 +24,7 @@ pub const TARGETS: [(&str, fn(&[u8])); 10] = [
     ("http_body", http_body),
     ("quantized_component", quantized_component),
     ("bundle_manifest", bundle_manifest),
+    ("lora_file", lora_file),
 ];
 
 fn tiny() -> &'static Path {
@@ -152,4 +153,17 @@ pub fn bundle_manifest(data: &[u8]) {
     let _ = std::fs::remove_file(dir.join("manifest.json.minisig"));
     std::fs::write(dir.join("manifest.json"), data).expect("manifest");
     let _ = unsee::bundle::open(&dir, &[], true);
+}
+
+/// A LoRA file read against the tiny model and merged into it (`--lora FILE`).
+pub fn lora_file(data: &[u8]) {
+    let ucfg: unsee::unet::UNetConfig = read_json("unet/config.json");
+    let tcfg: ClipTextConfig = read_json("text_encoder/config.json");
+    let device = select(DeviceChoice::Cpu, Precision::F32).expect("cpu").device;
+    let mut unet = unsee::unet::UNet2DConditionModel::new(&ucfg, &device).expect("tiny unet");
+    let mut te = CLIPTextModel::new(&tcfg, &device).expect("tiny text encoder");
+    let p = scratch("lora.safetensors", data);
+    if let Ok(lora) = unsee::lora::Lora::read(&p, &unet, &ucfg, &te) {
+        let _ = lora.merge(0.5, &mut unet, &mut te, Precision::F32);
+    }
 }
