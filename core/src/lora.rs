@@ -471,6 +471,29 @@ impl Lora {
 mod tests {
     use super::*;
 
+    /// α for diffusers/PEFT files: `lora_alpha`, an `alpha_pattern` entry (PEFT's `(.*\.)?key$` match on the module
+    /// name), rsLoRA's √r, α = r without metadata, and DoRA refused.
+    #[test]
+    fn peft_alphas_follow_the_adapter_metadata() {
+        let bad = |m: String| Error::InvalidRequest(m);
+        let meta = |json: &str| HashMap::from([("lora_adapter_metadata".to_string(), json.to_string())]);
+        let none = PeftAlphas::new(None, &bad).unwrap();
+        assert_eq!(none.get(Net::Unet, "down_blocks.0.attn1.to_q", 4, &bad).unwrap(), (4.0, false));
+        let m = meta(r#"{"unet.lora_alpha": 8, "unet.alpha_pattern": {"attn2.to_k": 2, "ff.net.2": 32},
+                         "text_encoder.lora_alpha": 16, "text_encoder.use_rslora": true}"#);
+        let a = PeftAlphas::new(Some(&m), &bad).unwrap();
+        assert_eq!(a.get(Net::Unet, "down_blocks.0.attn1.to_q", 4, &bad).unwrap(), (8.0, false));
+        assert_eq!(a.get(Net::Unet, "down_blocks.0.attn2.to_k", 4, &bad).unwrap(), (2.0, false));
+        // a pattern matches whole trailing segments only
+        assert_eq!(a.get(Net::Unet, "down_blocks.0.xattn2.to_k", 4, &bad).unwrap(), (8.0, false));
+        assert_eq!(a.get(Net::TextEncoder, "encoder.layers.0.self_attn.q_proj", 4, &bad).unwrap(), (16.0, true));
+        let dora = meta(r#"{"unet.use_dora": true}"#);
+        assert!(PeftAlphas::new(Some(&dora), &bad).unwrap().get(Net::Unet, "x", 4, &bad).is_err());
+        assert!(PeftAlphas::new(Some(&meta("[1, 2]")), &bad).is_err());
+        let nan = meta(r#"{"unet.lora_alpha": "eight"}"#);
+        assert!(PeftAlphas::new(Some(&nan), &bad).unwrap().get(Net::Unet, "x", 4, &bad).is_err());
+    }
+
     #[test]
     fn lora_spec_parses_file_and_scale() {
         let s: LoraSpec = "a/b.safetensors:0.8".parse().unwrap();
