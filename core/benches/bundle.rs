@@ -26,7 +26,7 @@ use unsee::quant::Quant;
 use unsee::shapes::eval::{Erasure, Measure, Row, Settings, baseline, measure_model, quality};
 
 mod common;
-use common::{cpu, env, peak_rss_mib, write_random_sd15};
+use common::{Role, cpu, env, peak_rss_mib, role, run_child, write_random_sd15};
 
 fn engine(model: &Path) -> Engine {
     Engine::open(&EngineOptions { model: model.to_path_buf(), device: DeviceChoice::Cpu, ..EngineOptions::default() })
@@ -156,19 +156,16 @@ fn full_size(tmp: &Path) {
     println!("| weights | size MB | size ratio | peak RSS MiB | RSS ratio | peak RSS after load / denoising MiB \
               | s / CFG step | step ratio | VAE decode s | latent PSNR dB | latent cosine |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
-    let exe = std::env::current_exe().unwrap();
     let mut reference: Option<(Vec<f32>, f64, f64, u64)> = None;
     for (name, path, bytes) in variants {
         let lat = dir.join(format!("{}.latents", name.replace(' ', "-")));
-        let out = std::process::Command::new(&exe)
-            .args(["--child", path.to_str().unwrap(), &size.to_string(), &steps.to_string(), lat.to_str().unwrap()])
-            .stderr(std::process::Stdio::inherit()).output().unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        let Some(line) = text.lines().rfind(|l| l.starts_with('{')) else {
-            println!("| {name} | {:.0} | | child failed: {} | | | | | | |", bytes as f64 / 1e6, out.status);
-            continue;
+        let j = match run_child(&[path.to_str().unwrap(), &size.to_string(), &steps.to_string(), lat.to_str().unwrap()]) {
+            Ok(j) => j,
+            Err(status) => {
+                println!("| {name} | {:.0} | | child failed: {status} | | | | | | |", bytes as f64 / 1e6);
+                continue;
+            }
         };
-        let j: serde_json::Value = serde_json::from_str(line).unwrap();
         let (rss, step, loaded) = (j["peak_rss_mib"].as_f64().unwrap(), j["step_s"].as_f64().unwrap(),
                                    j["rss_loaded_mib"].as_f64().unwrap());
         let (denoised, decode) = (j["rss_denoised_mib"].as_f64().unwrap(), j["decode_s"].as_f64().unwrap());
@@ -196,14 +193,13 @@ fn full_size(tmp: &Path) {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if args.iter().any(|a| a == "--list") {
-        return;
-    }
-    if let Some(k) = args.iter().position(|a| a == "--child") {
-        let a = &args[k + 1..];
-        child(Path::new(&a[0]), a[1].parse().unwrap(), a[2].parse().unwrap(), Path::new(&a[3]));
-        return;
+    match role() {
+        Role::List => return,
+        Role::Child(a) => {
+            child(Path::new(&a[0]), a[1].parse().unwrap(), a[2].parse().unwrap(), Path::new(&a[3]));
+            return;
+        }
+        Role::Parent => {}
     }
     let tmp = std::env::temp_dir().join(format!("unsee-bundle-bench-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();

@@ -15,7 +15,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use common::{env, peak_rss_mib, write_random_sd15};
+use common::{Role, env, peak_rss_mib, role, run_child, write_random_sd15};
 use unsee::device::DeviceChoice;
 use unsee::engine::{Engine, EngineOptions};
 use unsee::lora::LoraSpec;
@@ -88,16 +88,15 @@ fn child(model: &Path, lora: Option<&Path>, scheduler: SchedulerKind, steps: usi
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if args.iter().any(|a| a == "--list") {
-        return;
-    }
-    if let Some(k) = args.iter().position(|a| a == "--child") {
-        let a = &args[k + 1..];
-        let lora = (a[1] != "-").then(|| PathBuf::from(&a[1]));
-        child(Path::new(&a[0]), lora.as_deref(), a[2].parse().unwrap(), a[3].parse().unwrap(), a[4].parse().unwrap(),
-              a[5].parse().unwrap());
-        return;
+    match role() {
+        Role::List => return,
+        Role::Child(a) => {
+            let lora = (a[1] != "-").then(|| PathBuf::from(&a[1]));
+            child(Path::new(&a[0]), lora.as_deref(), a[2].parse().unwrap(), a[3].parse().unwrap(),
+                  a[4].parse().unwrap(), a[5].parse().unwrap());
+            return;
+        }
+        Role::Parent => {}
     }
     let dir = std::env::var("UNSEE_LCM_DIR").map(PathBuf::from)
         .unwrap_or_else(|_| std::env::temp_dir().join("unsee-lcm-bench"));
@@ -115,7 +114,6 @@ fn main() {
              std::fs::metadata(&lora).unwrap().len() as f64 / 1e6);
     println!("| run | load s (LoRA merge incl.) | denoise s | VAE decode s | total s | total vs DDIM-20 | peak RSS MiB |");
     println!("|---|---|---|---|---|---|---|");
-    let exe = std::env::current_exe().unwrap();
     let mut reference = None;
     for (name, with_lora, sched, steps, guidance) in [
         ("DDIM, 20 steps, guidance 7.5, base model", false, "ddim", 20, 7.5),
@@ -123,16 +121,15 @@ fn main() {
         ("LCM, 4 steps, guidance 1 (no CFG), LoRA merged", true, "lcm", 4, 1.0),
     ] {
         let lora_arg = if with_lora { lora.to_str().unwrap().to_string() } else { "-".into() };
-        let out = std::process::Command::new(&exe)
-            .args(["--child", model.to_str().unwrap(), &lora_arg, sched, &steps.to_string(), &guidance.to_string(),
-                   &size.to_string()])
-            .stderr(std::process::Stdio::inherit()).output().unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        let Some(line) = text.lines().rfind(|l| l.starts_with('{')) else {
-            println!("| {name} | child failed: {} | | | | | |", out.status);
-            continue;
+        let args = [model.to_str().unwrap(), &lora_arg, sched, &steps.to_string(), &guidance.to_string(),
+                    &size.to_string()];
+        let j = match run_child(&args) {
+            Ok(j) => j,
+            Err(status) => {
+                println!("| {name} | child failed: {status} | | | | | |");
+                continue;
+            }
         };
-        let j: serde_json::Value = serde_json::from_str(line).unwrap();
         let f = |k: &str| j[k].as_f64().unwrap();
         let total = f("load_s") + f("denoise_s") + f("decode_s");
         let r = *reference.get_or_insert(total);

@@ -1,117 +1,127 @@
-//! UNet step time and peak RSS on the CPU, unsee (burn flex) against diffusers/PyTorch measured in the same run.
+//! UNet step and VAE decode time and peak RSS on the CPU, unsee (burn flex) against diffusers/PyTorch measured in
+//! the same run.
 //!
 //! ```text
 //! cargo bench --bench unet_step                      # tiny + small, unsee only
-//! UNSEE_BENCH_PYTHON=.venv/bin/python \
+//! UNSEE_BENCH_PYTHON=tests/reference/.venv/bin/python \
 //! UNSEE_BENCH_SD15=/path/to/sd15-random \
-//!   cargo bench --bench unet_step                    # + full-size SD-1.5 and the PyTorch ratio
+//!   cargo bench --bench unet_step                    # + full-size SD-1.5 (written there if absent) and PyTorch
 //! ```
 //!
-//! One step = one UNet forward on a batch of 2 (classifier-free guidance), f32, at 256² and 512² (latents 32² and
-//! 64²). Every configuration runs in its own process so peak RSS is per configuration. Reported: median over
-//! `UNSEE_BENCH_STEPS` (default 3) timed steps after one warm-up step.
+//! One UNet step = one forward on a batch of 2 (classifier-free guidance); one VAE decode = batch 1; f32, at 256²
+//! and 512² (latents 32² and 64²). Every configuration runs in its own process (load included), so peak RSS is
+//! per configuration. Reported: median over `UNSEE_BENCH_STEPS` (default 3) timed runs after one warm-up run.
+//! `UNSEE_BENCH_ONLY` keeps the models whose name contains it; `UNSEE_BENCH_PARTS` = `unet`, `vae` or both
+//! (default).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
 use burn::tensor::{Tensor, TensorData};
-use unsee::device::{DeviceChoice, select};
-use unsee::weights::Precision;
 
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_string))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
+mod common;
+use common::{Role, cpu, env, peak_rss_mib, role, run_child, write_random_sd15};
+
+/// A deterministic pseudo-random tensor (no RNG state shared with anything else).
+fn wave<const D: usize>(shape: [usize; D], f: f32, device: &burn::tensor::Device) -> Tensor<D> {
+    let n = shape.iter().product::<usize>();
+    let v: Vec<f32> = (0..n).map(|i| ((i as f32) * f).sin()).collect();
+    Tensor::from_data(TensorData::new(v, shape), device)
 }
 
-/// Child mode: time one configuration and print a JSON line.
-fn child(model: &str, size: usize, steps: usize) {
-    let dev = select(DeviceChoice::Cpu, Precision::F32).unwrap();
-    let (unet, cfg) = unsee::load::load_unet(&PathBuf::from(model), &dev).unwrap();
+/// Child: load one part, time it, print a JSON line.
+fn child(model: &Path, part: &str, size: usize, steps: usize) {
+    let dev = cpu();
     let lat = size / 8;
-    let n = 2 * cfg.in_channels * lat * lat;
-    let x: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.618).sin()).collect();
-    let x = Tensor::<4>::from_data(TensorData::new(x, [2, cfg.in_channels, lat, lat]), &dev.device);
-    let c: Vec<f32> = (0..2 * 77 * cfg.cross_attention_dim).map(|i| ((i as f32) * 0.37).cos()).collect();
-    let ctx = Tensor::<3>::from_data(TensorData::new(c, [2, 77, cfg.cross_attention_dim]), &dev.device);
-    let run = || {
+    let run: Box<dyn Fn()> = if part == "unet" {
+        let (unet, cfg) = unsee::load::load_unet(model, &dev).unwrap();
+        let x = wave([2, cfg.in_channels, lat, lat], 0.618, &dev.device);
+        let ctx = wave([2, 77, cfg.cross_attention_dim], 0.37, &dev.device);
+        Box::new(move || {
+            let _ = unet.forward(x.clone(), 500.0, &ctx).into_data();
+        })
+    } else {
+        let (vae, cfg) = unsee::load::load_vae(model, &dev).unwrap();
+        let z = wave([1, cfg.latent_channels, lat, lat], 0.618, &dev.device);
+        Box::new(move || {
+            let _ = vae.decode(z.clone()).into_data();
+        })
+    };
+    let time = || {
         let t0 = Instant::now();
-        let y = unet.forward(x.clone(), 500.0, &ctx);
-        let _ = y.into_data(); // wait for the result
+        run();
         t0.elapsed().as_secs_f64()
     };
-    run();
-    let mut times: Vec<f64> = (0..steps).map(|_| run()).collect();
+    time();
+    let mut times: Vec<f64> = (0..steps).map(|_| time()).collect();
     times.sort_by(f64::total_cmp);
-    println!(
-        "{}",
-        serde_json::json!({"median_s": times[times.len() / 2], "min_s": times[0], "peak_rss_mib": peak_rss_mib()})
-    );
+    println!("{}", serde_json::json!({"median_s": times[times.len() / 2], "min_s": times[0],
+                                      "peak_rss_mib": peak_rss_mib()}));
 }
 
-fn last_json_line(out: &[u8]) -> Option<serde_json::Value> {
-    String::from_utf8_lossy(out).lines().rev().find_map(|l| serde_json::from_str(l).ok())
+fn torch(python: &str, repo: &Path, model: &Path, part: &str, size: usize, steps: usize, threads: usize)
+    -> Option<serde_json::Value> {
+    let o = Command::new(python)
+        .args([repo.join("tests/reference/bench_torch.py").to_str().unwrap(), model.to_str().unwrap(),
+               &size.to_string(), &steps.to_string(), &threads.to_string(), part])
+        .output().ok()?;
+    let v = String::from_utf8_lossy(&o.stdout).lines().rev().find_map(|l| serde_json::from_str(l).ok());
+    if v.is_none() {
+        eprintln!("{} {part} {size}: PyTorch run failed:\n{}", model.display(), String::from_utf8_lossy(&o.stderr));
+    }
+    v
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if args.len() >= 5 && args[1] == "--child" {
-        child(&args[2], args[3].parse().unwrap(), args[4].parse().unwrap());
-        return;
+    match role() {
+        Role::List => return,
+        Role::Child(a) => return child(Path::new(&a[0]), &a[1], a[2].parse().unwrap(), a[3].parse().unwrap()),
+        Role::Parent => {}
     }
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let steps: usize = std::env::var("UNSEE_BENCH_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let steps: usize = env("UNSEE_BENCH_STEPS", 3);
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let mut models = vec![
-        ("tiny", repo.join("models/tiny-sd")),
-        ("small", repo.join("tests/fixtures/small-sd")),
-    ];
+    let mut models = vec![("tiny", repo.join("models/tiny-sd")), ("small", repo.join("tests/fixtures/small-sd"))];
     if let Ok(p) = std::env::var("UNSEE_BENCH_SD15") {
-        models.push(("sd15 (random)", PathBuf::from(p)));
+        let p = PathBuf::from(p);
+        if !p.join("unet/diffusion_pytorch_model.safetensors").is_file() {
+            write_random_sd15(&p);
+        }
+        models.push(("sd15 (random)", p));
     }
+    let only: String = env("UNSEE_BENCH_ONLY", String::new());
+    let parts: String = env("UNSEE_BENCH_PARTS", "unet,vae".to_string());
     let python = std::env::var("UNSEE_BENCH_PYTHON").ok();
-    let me = std::env::current_exe().unwrap();
 
-    println!("UNet step (batch 2, f32, CPU, {threads} threads), median of {steps} after 1 warm-up\n");
-    println!("| model | size | unsee ms/step | unsee peak RSS MiB | PyTorch ms/step | PyTorch peak RSS MiB | PyTorch time / unsee time |");
-    println!("|---|---|---|---|---|---|---|");
-    for (name, dir) in &models {
-        for size in [256usize, 512] {
-            let o = Command::new(&me)
-                .args(["--child", dir.to_str().unwrap(), &size.to_string(), &steps.to_string()])
-                .output()
-                .unwrap();
-            let Some(r) = last_json_line(&o.stdout) else {
-                eprintln!("{name} {size}: unsee run failed:\n{}", String::from_utf8_lossy(&o.stderr));
-                continue;
-            };
-            let rust_s = r["median_s"].as_f64().unwrap();
-            let rust_rss = r["peak_rss_mib"].as_f64().unwrap();
-            let torch = python.as_ref().and_then(|py| {
-                let o = Command::new(py)
-                    .args([repo.join("tests/reference/bench_torch.py").to_str().unwrap(), dir.to_str().unwrap(),
-                           &size.to_string(), &steps.to_string(), &threads.to_string()])
-                    .output()
-                    .ok()?;
-                let v = last_json_line(&o.stdout);
-                if v.is_none() {
-                    eprintln!("{name} {size}: PyTorch run failed:\n{}", String::from_utf8_lossy(&o.stderr));
-                }
-                v
-            });
-            let (t_ms, t_rss, ratio) = match torch {
-                Some(t) => {
-                    let ts = t["median_s"].as_f64().unwrap();
-                    (format!("{:.1}", ts * 1e3), format!("{:.0}", t["peak_rss_mib"].as_f64().unwrap()),
-                     format!("{:.2}", ts / rust_s))
-                }
-                None => ("–".into(), "–".into(), "–".into()),
-            };
-            println!("| {name} | {size}² | {:.1} | {:.0} | {t_ms} | {t_rss} | {ratio} |", rust_s * 1e3, rust_rss);
+    println!("UNet step (batch 2) and VAE decode (batch 1), f32, CPU, {threads} threads, median of {steps} after 1 \
+              warm-up\n");
+    println!("| model | part | size | unsee ms | unsee peak RSS MiB | PyTorch ms | PyTorch peak RSS MiB \
+              | PyTorch time / unsee time | unsee RSS / PyTorch RSS |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (name, dir) in models.iter().filter(|(n, _)| n.contains(only.as_str())) {
+        for part in ["unet", "vae"].into_iter().filter(|p| parts.contains(p)) {
+            for size in [256usize, 512] {
+                let r = match run_child(&[dir.to_str().unwrap(), part, &size.to_string(), &steps.to_string()]) {
+                    Ok(r) => r,
+                    Err(status) => {
+                        println!("| {name} | {part} | {size}² | failed: {status} | | | | | |");
+                        continue;
+                    }
+                };
+                let (rust_s, rust_rss) = (r["median_s"].as_f64().unwrap(), r["peak_rss_mib"].as_f64().unwrap());
+                let t = python.as_deref().and_then(|py| torch(py, &repo, dir, part, size, steps, threads));
+                let (t_ms, t_rss, ratio, rss_ratio) = match t {
+                    Some(t) => {
+                        let (ts, trss) = (t["median_s"].as_f64().unwrap(), t["peak_rss_mib"].as_f64().unwrap());
+                        (format!("{:.1}", ts * 1e3), format!("{trss:.0}"), format!("{:.2}", ts / rust_s),
+                         format!("{:.2}", rust_rss / trss))
+                    }
+                    None => ("–".into(), "–".into(), "–".into(), "–".into()),
+                };
+                println!("| {name} | {part} | {size}² | {:.1} | {rust_rss:.0} | {t_ms} | {t_rss} | {ratio} | {rss_ratio} |",
+                         rust_s * 1e3);
+            }
         }
     }
 }

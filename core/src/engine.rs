@@ -40,7 +40,7 @@ pub struct EngineOptions {
     pub loras: Vec<crate::lora::LoraSpec>,
     pub device: DeviceChoice,
     pub precision: Precision,
-    /// Scan every weight for NaN/Inf even in large files.
+    /// Scan every weight of a large single-file checkpoint for NaN/Inf before loading it (folders: always).
     pub check: bool,
     /// Guarded mode ([`Guard`]); `None` = unguarded.
     pub guard: Option<Guard>,

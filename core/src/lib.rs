@@ -5,6 +5,7 @@ pub mod clip;
 pub mod bundle;
 pub mod compvis;
 pub mod erase;
+pub mod kernels;
 pub mod device;
 pub mod engine;
 pub mod error;

@@ -15,12 +15,13 @@ use crate::scheduler::SchedulerConfig;
 use crate::tokenizer::{ClipTokenizer, Tokens};
 use crate::unet::{UNet2DConditionModel, UNetConfig};
 use crate::vae::{AutoencoderKL, VaeConfig};
-use crate::weights::{TensorSource, check_file, load_module, load_module_remapped};
+use crate::weights::{TensorSource, check_file, load_module};
 
 /// Options for [`StableDiffusion::load`].
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
-    /// Scan every weight for NaN/Inf even in large files.
+    /// Scan every weight of a large single-file checkpoint for NaN/Inf before loading it (a diffusers folder's
+    /// weights are always checked, as they are read).
     pub check: bool,
     /// Configs and tokenizer for a single-file checkpoint (default: SD-1.5's).
     pub config_dir: Option<PathBuf>,
@@ -38,12 +39,13 @@ pub struct LoadOptions {
 
 /// Reads and loads the CLIP text encoder in `root/component` (transformers ≥ 5 writes CLIPTextModel without the
 /// `text_model.` prefix that released SD folders have; both are accepted).
-fn load_text_encoder(root: &Path, component: &str, device: &SelectedDevice, check: bool,
+fn load_text_encoder(root: &Path, component: &str, device: &SelectedDevice,
                      bundle: Option<&crate::bundle::Verified>) -> Result<(CLIPTextModel, ClipTextConfig, PathBuf)> {
     let config: ClipTextConfig = read_config(root, component, "config.json")?;
     let mut model = new_text_encoder(&config, device)?;
     let file = component_weights(root, component, "model")?;
-    load_weights(&mut model, component, &file, device, check, bundle)?;
+    // "text_encoder" whatever the folder is called: the loader adds the `text_model.` prefix for it.
+    load_weights(&mut model, "text_encoder", &file, device, bundle)?;
     Ok((model, config, file))
 }
 
@@ -85,28 +87,18 @@ fn check_fits(file: &Path, component: &str, device: &SelectedDevice) -> Result<(
     Ok(())
 }
 
-/// Loads one component's weight file: through [`crate::quant::load_component`] (hashed against the manifest) for
-/// a bundle or an `unsee-quantized` file, else through burn-store after the file checks.
+/// Loads one component's weight file through [`crate::quant::load_component`]: read once, front to back, and handed
+/// to the module 128 MiB at a time (plain f32/f16/bf16 files, `unsee-quantized` files and bundle components alike;
+/// every value is checked finite; a bundle's file is hashed against its manifest). Not memory-mapped: the pages of a
+/// mapped file count in the process's resident set while the tensors are copied out of it, which held a
+/// full-size UNet twice at load.
 fn load_weights<M: burn::store::ModuleSnapshot>(module: &mut M, component: &str, file: &Path,
-                                                device: &SelectedDevice, check: bool,
+                                                device: &SelectedDevice,
                                                 bundle: Option<&crate::bundle::Verified>) -> Result<()> {
     check_fits(file, component, device)?;
-    if let Some(b) = bundle {
-        crate::quant::load_component(module, component, file, device.precision, Some(&b.expected(file)?))?;
-        return Ok(());
-    }
-    if crate::quant::is_quantized_file(file) {
-        crate::quant::load_component(module, component, file, device.precision, None)?;
-        return Ok(());
-    }
-    check_file(file, component, check)?;
-    let src = TensorSource::File(file.to_path_buf());
-    if component == "text_encoder" {
-        load_module_remapped(module, component, src, device.precision,
-                             &[(r"^(embeddings|encoder|final_layer_norm)\.", "text_model.$1.")])
-    } else {
-        load_module(module, component, src, device.precision)
-    }
+    let expected = bundle.map(|b| b.expected(file)).transpose()?;
+    crate::quant::load_component(module, component, file, device.precision, expected.as_ref())?;
+    Ok(())
 }
 
 /// Checks that a text encoder fits the UNet and the tokenizer: its width is the UNet's cross-attention width, every
@@ -135,17 +127,34 @@ fn check_text_encoder(path: &Path, config: &ClipTextConfig, unet: &UNetConfig, t
     Ok(())
 }
 
-/// Loads only the UNet of a diffusers folder (benchmarks, tools).
+/// Loads only the UNet of a diffusers folder or bundle (benchmarks, tools).
 pub fn load_unet(path: &Path, device: &SelectedDevice) -> Result<(UNet2DConditionModel, UNetConfig)> {
-    let ModelLocation::Folder(dir) = locate(path, None)? else {
-        return Err(Error::InvalidRequest("load_unet needs a diffusers folder".into()));
-    };
+    let (dir, bundle) = folder_alone(path)?;
     let cfg: UNetConfig = read_config(&dir, "unet", "config.json")?;
     let mut unet = UNet2DConditionModel::new(&cfg, &device.device)?;
     let file = component_weights(&dir, "unet", "diffusion_pytorch_model")?;
-    let bundle = if crate::bundle::is_bundle(&dir) { Some(crate::bundle::open(&dir, &[], false)?) } else { None };
-    load_weights(&mut unet, "unet", &file, device, false, bundle.as_ref())?;
+    load_weights(&mut unet, "unet", &file, device, bundle.as_ref())?;
     Ok((unet, cfg))
+}
+
+/// Loads only the VAE of a diffusers folder or bundle (benchmarks, tools).
+pub fn load_vae(path: &Path, device: &SelectedDevice) -> Result<(AutoencoderKL, VaeConfig)> {
+    let (dir, bundle) = folder_alone(path)?;
+    let cfg: VaeConfig = read_config(&dir, "vae", "config.json")?;
+    let mut vae = AutoencoderKL::new(&cfg, &device.device)?;
+    let file = component_weights(&dir, "vae", "diffusion_pytorch_model")?;
+    load_weights(&mut vae, "vae", &file, device, bundle.as_ref())?;
+    Ok((vae, cfg))
+}
+
+/// A diffusers folder (and its bundle manifest, checked without a signature, when it is one) for loading one
+/// component alone.
+fn folder_alone(path: &Path) -> Result<(PathBuf, Option<crate::bundle::Verified>)> {
+    let ModelLocation::Folder(dir) = locate(path, None)? else {
+        return Err(Error::InvalidRequest("loading one component needs a diffusers folder".into()));
+    };
+    let bundle = if crate::bundle::is_bundle(&dir) { Some(crate::bundle::open(&dir, &[], false)?) } else { None };
+    Ok((dir, bundle))
 }
 
 /// A loaded model on one device. Cloning is cheap: tensors are shared until one side is edited.
@@ -227,13 +236,13 @@ impl StableDiffusion {
             ModelLocation::Folder(dir) => {
                 let file;
                 (text_encoder, text_config, file) =
-                    load_text_encoder(dir, "text_encoder", &device, opts.check, bundle.as_deref())?;
+                    load_text_encoder(dir, "text_encoder", &device, bundle.as_deref())?;
                 files.push(("text_encoder".to_string(), file));
                 for component in ["unet", "vae"] {
                     let file = component_weights(dir, component, "diffusion_pytorch_model")?;
                     match component {
-                        "unet" => load_weights(&mut unet, component, &file, &device, opts.check, bundle.as_deref())?,
-                        _ => load_weights(&mut vae, component, &file, &device, opts.check, bundle.as_deref())?,
+                        "unet" => load_weights(&mut unet, component, &file, &device, bundle.as_deref())?,
+                        _ => load_weights(&mut vae, component, &file, &device, bundle.as_deref())?,
                     }
                     files.push((component.to_string(), file));
                 }
@@ -291,7 +300,7 @@ impl StableDiffusion {
             } else {
                 (te.clone(), "text_encoder".to_string())
             };
-            let (model, config, file) = load_text_encoder(&te_root, &component, &device, opts.check, None)?;
+            let (model, config, file) = load_text_encoder(&te_root, &component, &device, None)?;
             check_text_encoder(te, &config, &unet_config, &tokenizer)?;
             (text_encoder, text_config) = (model, config);
             files.retain(|(c, _)| c != "text_encoder");

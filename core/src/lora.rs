@@ -18,7 +18,7 @@
 //! does not fit) is refused with the key named: a LoRA is never partly applied. Quantized weights (bundles) are
 //! refused: merge before building the bundle.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use burn::store::{BurnToPyTorchAdapter, FloatCastAdapter, ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter,
@@ -114,7 +114,7 @@ struct Targets {
     ambiguous: Vec<String>,
     shapes: HashMap<(Net, String), Vec<usize>>,
     /// Layers stored quantized (a bundle), which cannot take a LoRA.
-    quantized: std::collections::HashSet<(Net, String)>,
+    quantized: HashSet<(Net, String)>,
 }
 
 /// Every Linear/Conv2d weight: (path, PyTorch-layout shape, quantized).
@@ -330,7 +330,7 @@ impl Lora {
         }
         let alphas = PeftAlphas::new(mapped.metadata().as_ref(), &bad)?;
         let mut layers = vec![];
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = HashSet::new();
         for (stem, pair) in pairs {
             if targets.ambiguous.contains(&stem) {
                 return Err(bad(format!("{stem} names more than one layer of this model")));
@@ -390,10 +390,11 @@ impl Lora {
         LoraSpec { path: self.path.clone(), scale }.check_scale()?;
         let unet_layers: Vec<&Layer> = self.layers.iter().filter(|l| l.net == Net::Unet).collect();
         let te_layers: Vec<&Layer> = self.layers.iter().filter(|l| l.net == Net::TextEncoder).collect();
-        self.refuse_quantized(unet, &unet_layers)?;
-        self.refuse_quantized(te, &te_layers)?;
-        self.merge_into(unet, &unet_layers, scale, precision)?;
-        self.merge_into(te, &te_layers, scale, precision)?;
+        // Both modules' targets are collected and checked before either changes.
+        let unet_pending = self.pending(unet, &unet_layers)?;
+        let te_pending = self.pending(te, &te_layers)?;
+        self.merge_into(unet, unet_pending, &unet_layers, scale, precision)?;
+        self.merge_into(te, te_pending, &te_layers, scale, precision)?;
         let mut layers = BTreeMap::new();
         for (net, n) in [(Net::Unet, unet_layers.len()), (Net::TextEncoder, te_layers.len())] {
             if n > 0 {
@@ -404,32 +405,31 @@ impl Lora {
                          sha256: self.sha256.clone() })
     }
 
-    fn refuse_quantized<M: ModuleSnapshot>(&self, module: &M, layers: &[&Layer]) -> Result<()> {
-        let names: std::collections::HashSet<String> = layers.iter().map(|l| format!("{}.weight", l.path)).collect();
-        for snap in module.collect(None, Some(Box::new(BurnToPyTorchAdapter)), true) {
-            if names.contains(&snap.name) && matches!(snap.dtype, DType::QFloat(_)) {
-                return Err(Error::InvalidLora { file: self.path.clone(), message: format!(
-                    "{} is quantized (a bundle): merge the LoRA into the model the bundle is built from", snap.name) });
-            }
-        }
-        Ok(())
-    }
-
-    /// Adds `scale` · ΔW to each of `layers` in `module`.
-    fn merge_into<M: ModuleSnapshot>(&self, module: &mut M, layers: &[&Layer], scale: f64, precision: Precision)
-        -> Result<()> {
+    /// The snapshots of `layers` in `module`, in the module's order; a quantized target (a bundle) is refused.
+    fn pending<M: ModuleSnapshot>(&self, module: &M, layers: &[&Layer]) -> Result<Vec<burn::store::burn_pack::Tensor>> {
         if layers.is_empty() {
-            return Ok(());
+            return Ok(vec![]);
         }
-        let bad = |m: String| Error::InvalidLora { file: self.path.clone(), message: m };
-        let by_name: HashMap<String, &Layer> = layers.iter().map(|l| (format!("{}.weight", l.path), *l)).collect();
-        // Only the snapshots of adapted layers are kept, and each is dropped once read, so a replaced weight is freed
-        // as soon as its merged copy is in the module.
-        let mut pending: Vec<_> = module.collect(None, Some(Box::new(BurnToPyTorchAdapter)), true).into_iter()
-            .filter(|s| by_name.contains_key(&s.name)).collect();
+        let names: HashSet<String> = layers.iter().map(|l| format!("{}.weight", l.path)).collect();
+        // Only the snapshots of adapted layers are kept; each is dropped once read, so a replaced weight is freed as
+        // soon as its merged copy is in the module.
+        let pending: Vec<_> = module.collect(None, Some(Box::new(BurnToPyTorchAdapter)), true).into_iter()
+            .filter(|s| names.contains(&s.name)).collect();
+        if let Some(snap) = pending.iter().find(|s| matches!(s.dtype, DType::QFloat(_))) {
+            return Err(Error::InvalidLora { file: self.path.clone(), message: format!(
+                "{} is quantized (a bundle): merge the LoRA into the model the bundle is built from", snap.name) });
+        }
         if pending.len() != layers.len() {
             return Err(Error::Internal(format!("{} of {} LoRA layers found in the module", pending.len(), layers.len())));
         }
+        Ok(pending)
+    }
+
+    /// Adds `scale` · ΔW to each of `layers` in `module` (`pending`: their snapshots from [`Self::pending`]).
+    fn merge_into<M: ModuleSnapshot>(&self, module: &mut M, mut pending: Vec<burn::store::burn_pack::Tensor>, layers: &[&Layer],
+                                     scale: f64, precision: Precision) -> Result<()> {
+        let bad = |m: String| Error::InvalidLora { file: self.path.clone(), message: m };
+        let by_name: HashMap<String, &Layer> = layers.iter().map(|l| (format!("{}.weight", l.path), *l)).collect();
         pending.reverse();
         while !pending.is_empty() {
             let mut chunk = vec![];

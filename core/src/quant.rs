@@ -275,7 +275,7 @@ fn dtype_of(s: &str) -> Option<(Dtype, u64)> {
 /// file's real length before anything is allocated.
 fn read_all(path: &Path, expect: Option<&Expected>,
             on_meta: &mut dyn FnMut(&HashMap<String, String>) -> Result<()>,
-            on_tensor: &mut dyn FnMut(Entry, Vec<u8>) -> Result<()>) -> Result<String> {
+            on_tensor: &mut dyn FnMut(Entry, Vec<u8>) -> Result<()>) -> Result<Option<String>> {
     let corrupt = |m: String| Error::CorruptWeights { file: path.to_path_buf(), message: m };
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
@@ -283,17 +283,22 @@ fn read_all(path: &Path, expect: Option<&Expected>,
         return Err(Error::Bundle { file: path.to_path_buf(),
                                    message: format!("is {size} bytes, the manifest says {}", e.size) });
     }
-    let mut hasher = sha2::Sha256::new();
+    // Hashed only when checked against a manifest: a plain model folder is not, and 3.4 GB of SHA-256 is seconds.
+    let mut hasher = expect.map(|_| sha2::Sha256::new());
     let mut len = [0u8; 8];
     file.read_exact(&mut len).map_err(|_| corrupt("shorter than a safetensors header".into()))?;
-    hasher.update(len);
+    if let Some(h) = &mut hasher {
+        h.update(len);
+    }
     let n = u64::from_le_bytes(len);
     if n > MAX_HEADER || n > size - 8 {
         return Err(corrupt(format!("header length {n} exceeds the file or {MAX_HEADER} bytes")));
     }
     let mut header = vec![0u8; n as usize];
     file.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
-    hasher.update(&header);
+    if let Some(h) = &mut hasher {
+        h.update(&header);
+    }
     let json: BTreeMap<String, serde_json::Value> =
         serde_json::from_slice(&header).map_err(|e| corrupt(format!("header: {e}")))?;
     let mut meta = HashMap::new();
@@ -331,11 +336,13 @@ fn read_all(path: &Path, expect: Option<&Expected>,
     for e in entries {
         let mut bytes = vec![0u8; (e.end - e.start) as usize];
         file.read_exact(&mut bytes).map_err(|err| Error::io(path, err))?;
-        hasher.update(&bytes);
+        if let Some(h) = &mut hasher {
+            h.update(&bytes);
+        }
         on_tensor(e, bytes)?;
     }
-    let digest = format!("{:x}", hasher.finalize());
-    if let Some(e) = expect && e.sha256 != digest {
+    let digest = hasher.map(|h| format!("{:x}", h.finalize()));
+    if let Some(e) = expect && Some(&e.sha256) != digest.as_ref() {
         return Err(Error::Bundle { file: path.to_path_buf(),
                                    message: "its SHA-256 does not match the manifest (altered or swapped)".into() });
     }
@@ -410,7 +417,8 @@ impl Applied {
 /// What [`load_component`] read.
 #[derive(Debug, Clone)]
 pub struct Loaded {
-    pub sha256: String,
+    /// The file's SHA-256, when it was checked against a manifest.
+    pub sha256: Option<String>,
     /// `None` for a plain (unquantized) safetensors file.
     pub quant: Option<Quant>,
 }

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """The PyTorch/diffusers side of `cargo bench --bench unet_step`: one UNet denoising step (batch 2, as with
-classifier-free guidance) on the CPU, in f32, with the same thread count as the Rust side.
+classifier-free guidance) or one VAE decode (batch 1) on the CPU, in f32, with the same thread count as the Rust side.
 
-    python tests/reference/bench_torch.py MODEL_DIR SIZE_PX STEPS THREADS   -> one JSON line on stdout
+    python tests/reference/bench_torch.py MODEL_DIR SIZE_PX STEPS THREADS [unet|vae]   -> one JSON line on stdout
 """
 import json
 import resource
@@ -10,28 +10,34 @@ import sys
 import time
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 
 
 def main():
     model_dir, size, steps, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     torch.set_num_threads(threads)
-    variant = None
+    part = sys.argv[5] if len(sys.argv) > 5 else "unet"
     import os
-    if not os.path.exists(os.path.join(model_dir, "unet", "diffusion_pytorch_model.safetensors")):
+    sub, cls = ("unet", UNet2DConditionModel) if part == "unet" else ("vae", AutoencoderKL)
+    variant = None
+    if not os.path.exists(os.path.join(model_dir, sub, "diffusion_pytorch_model.safetensors")):
         variant = "fp16"
-    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", variant=variant,
-                                                torch_dtype=torch.float32).eval()
+    model = cls.from_pretrained(model_dir, subfolder=sub, variant=variant, torch_dtype=torch.float32).eval()
     lat = size // 8
     g = torch.Generator().manual_seed(0)
-    x = torch.randn((2, unet.config.in_channels, lat, lat), generator=g)
-    ctx = torch.randn((2, 77, unet.config.cross_attention_dim), generator=g)
+    if part == "unet":
+        x = torch.randn((2, model.config.in_channels, lat, lat), generator=g)
+        ctx = torch.randn((2, 77, model.config.cross_attention_dim), generator=g)
+        run = lambda: model(x, torch.tensor(500), encoder_hidden_states=ctx)
+    else:
+        z = torch.randn((1, model.config.latent_channels, lat, lat), generator=g)
+        run = lambda: model.decode(z)
     times = []
     with torch.no_grad():
-        unet(x, torch.tensor(500), encoder_hidden_states=ctx)  # warm-up
+        run()  # warm-up
         for _ in range(steps):
             t0 = time.perf_counter()
-            unet(x, torch.tensor(500), encoder_hidden_states=ctx)
+            run()
             times.append(time.perf_counter() - t0)
     times.sort()
     print(json.dumps({"median_s": times[len(times) // 2], "min_s": times[0],

@@ -53,3 +53,31 @@ pub fn write_random_sd15(dir: &Path) {
     save(&unsee::vae::AutoencoderKL::new(&vcfg, dev).unwrap(), &dir.join("vae/diffusion_pytorch_model.safetensors"));
 }
 
+
+/// How a bench binary was started: `List` for cargo's `--list` probe, `Child(args)` for `--child args…` (one
+/// configuration measured in its own process, so peak RSS is per configuration), else `Parent`.
+pub enum Role {
+    List,
+    Child(Vec<String>),
+    Parent,
+}
+
+pub fn role() -> Role {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--list") {
+        return Role::List;
+    }
+    match args.iter().position(|a| a == "--child") {
+        Some(k) => Role::Child(args[k + 1..].to_vec()),
+        None => Role::Parent,
+    }
+}
+
+/// Runs this bench binary again as `--child args…` (stderr passes through) and returns the last JSON line it
+/// printed, or its exit status when it printed none.
+pub fn run_child(args: &[&str]) -> Result<serde_json::Value, std::process::ExitStatus> {
+    let out = std::process::Command::new(std::env::current_exe().unwrap()).arg("--child").args(args)
+        .stderr(std::process::Stdio::inherit()).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().rev().find_map(|l| serde_json::from_str(l).ok())
+        .ok_or(out.status)
+}

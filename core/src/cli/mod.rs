@@ -97,7 +97,8 @@ pub struct ModelArgs {
     /// f32 or f16 (f16 needs a device with f16 arithmetic).
     #[arg(long, default_value = "f32")]
     precision: Precision,
-    /// Scan every weight for NaN/Inf (always done for small models).
+    /// Scan every weight of a single-file checkpoint for NaN/Inf before loading (a diffusers folder is always
+    /// checked as it is read; a small checkpoint always).
     #[arg(long)]
     check: bool,
     /// Replace the model's text encoder with this one (a `text_encoder` folder, e.g. written by `erasepro-text`

@@ -1,0 +1,190 @@
+//! CPU kernels for what burn's `flex` backend has no fast path for (burn 0.22.1).
+//!
+//! **Attention.** flex's fused `attention` (flash path for long sequences) and its `softmax` call the scalar libm
+//! `expf` once per score: on a UNet step at 512² that is ~27 % of the time in `__expf` alone and ~90 % in attention
+//! on the tiny model (`perf`, README *Benchmark*). [`attention`] computes the same
+//! `softmax(Q Kᵀ · scale) V` a block of query rows at a time: one `gemm` for the scores of the block against every
+//! key, a row softmax with a vectorised `exp`, one `gemm` into the output; blocks run in parallel on rayon. It reads
+//! the `[batch, seq, heads·dim]` projections in place (heads are strides, no split or permute copies) and is used
+//! only for f32 tensors on the CPU outside autodiff (attacks and `harden` keep burn's differentiable op; wgpu keeps
+//! its own kernel).
+
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use rayon::prelude::*;
+
+/// Query rows per task: the block's scores (`ROWS × seq_kv` f32) stay in L2 for the 4,096 keys of a 64² latent.
+const ROWS: usize = 64;
+
+/// Whether [`attention`] handles tensors like `x` (f32, on the CPU, no autodiff).
+pub fn takes(x: &Tensor<3>) -> bool {
+    x.dtype() == DType::F32 && !x.is_autodiff() && x.device() == Device::flex()
+}
+
+/// `softmax(q kᵀ · scale) v` per head, on `[batch, seq, heads·dim]` projections (`q` may have another sequence
+/// length than `k`/`v`). Returns `[batch, seq_q, heads·dim]`. The caller checks [`takes`].
+pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, scale: f32) -> Tensor<3> {
+    let device = q.device();
+    let [b, sq, c] = q.dims();
+    let sk = k.dims()[1];
+    let vec = |t: Tensor<3>| t.into_data().try_into_vec::<f32>().expect("f32 checked by `takes`");
+    let (q, k, v) = (vec(q), vec(k), vec(v));
+    let mut out = vec![0f32; b * sq * c];
+    let d = c / heads;
+    // Tasks: (batch, block of query rows); each writes its own rows of `out` for every head.
+    out.par_chunks_mut(sq * c).enumerate()
+        .flat_map(|(batch, ob)| ob.par_chunks_mut(ROWS * c).enumerate().map(move |(block, o)| (batch, block, o)))
+        .for_each(|(batch, block, o)| {
+            let rows = o.len() / c;
+            let row0 = batch * sq + block * ROWS;
+            let mut scores = vec![0f32; rows * sk];
+            for h in 0..heads {
+                let q_ptr = q[row0 * c + h * d..].as_ptr();
+                let k_ptr = k[batch * sk * c + h * d..].as_ptr();
+                let v_ptr = v[batch * sk * c + h * d..].as_ptr();
+                // SAFETY: every pointer/stride pair stays inside its slice: `rows` query rows of `c` values from
+                // `row0`, `sk` key/value rows of `c` values from the batch's first row, `d` columns from `h·d`;
+                // `scores` is `rows × sk` and `o` is `rows × c`.
+                unsafe {
+                    // scores = scale · Q_h Kᵀ_h   (m = rows, n = sk, k = d)
+                    gemm::gemm(rows, sk, d, scores.as_mut_ptr(), 1, sk as isize, false,
+                               q_ptr, 1, c as isize, k_ptr, c as isize, 1,
+                               0.0, scale, false, false, false, gemm::Parallelism::None);
+                }
+                for row in scores.chunks_exact_mut(sk) {
+                    softmax_row(row);
+                }
+                unsafe {
+                    // out_h = P V_h   (m = rows, n = d, k = sk)
+                    gemm::gemm(rows, d, sk, o[h * d..].as_mut_ptr(), 1, c as isize, false,
+                               scores.as_ptr(), 1, sk as isize, v_ptr, 1, c as isize,
+                               0.0, 1.0, false, false, false, gemm::Parallelism::None);
+                }
+            }
+        });
+    Tensor::from_data(TensorData::new(out, [b, sq, c]), &device)
+}
+
+/// In-place softmax of one row, with [`exp`] vectorised by the compiler (AVX2+FMA when the CPU has them).
+fn softmax_row(row: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the features were just detected.
+        return unsafe { softmax_row_avx2(row) };
+    }
+    softmax_row_portable(row)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn softmax_row_avx2(row: &mut [f32]) {
+    softmax_row_portable(row)
+}
+
+#[inline(always)]
+fn softmax_row_portable(row: &mut [f32]) {
+    let max = lanes_fold(row, f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY || max.is_nan() {
+        // Only -inf scores (or NaN): no finite distribution; NaN propagates as burn's softmax does.
+        row.fill(f32::NAN);
+        return;
+    }
+    for x in row.iter_mut() {
+        *x = exp(*x - max);
+    }
+    let inv = 1.0 / lanes_fold(row, 0.0, |a, b| a + b);
+    for x in row.iter_mut() {
+        *x *= inv;
+    }
+}
+
+/// Folds `xs` with 8 independent accumulators, so the loop vectorises (a float reduction in one accumulator
+/// cannot be reordered by the compiler).
+#[inline(always)]
+fn lanes_fold(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [init; 8];
+    let chunks = xs.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for j in 0..8 {
+            acc[j] = f(acc[j], c[j]);
+        }
+    }
+    let mut r = init;
+    for a in acc.into_iter().chain(tail.iter().copied()) {
+        r = f(r, a);
+    }
+    r
+}
+
+/// `eˣ` for `x ≤ 0` (softmax arguments) with ~1 ulp error, branch-free so that loops over it vectorise:
+/// `x = n·ln 2 + r` with `|r| ≤ ln 2 / 2`, `eʳ` by Cephes' degree-6 polynomial, `2ⁿ` built in the exponent bits.
+/// Below −87.3 (where `eˣ` leaves the normal range) the result is 0.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // 1.5 · 2²³: adding it rounds to an integer held in the low mantissa bits.
+    const SHIFTER: f32 = 12_582_912.0;
+    let xc = if x < -87.3 { -87.3 } else { x }; // NaN stays NaN (f32::max would drop it)
+    let t = xc * LOG2E + SHIFTER;
+    let n = t - SHIFTER;
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let p = 1.987_569_1e-4f32;
+    let p = p.mul_add(r, 1.398_199_9e-3);
+    let p = p.mul_add(r, 8.333_452e-3);
+    let p = p.mul_add(r, 4.166_579_6e-2);
+    let p = p.mul_add(r, 1.666_666_5e-1);
+    let p = p.mul_add(r, 5.000_000_1e-1);
+    let er = (p * r).mul_add(r, r) + 1.0;
+    let bits = (t.to_bits() as i32).wrapping_sub(SHIFTER.to_bits() as i32).wrapping_add(127) << 23;
+    let y = er * f32::from_bits(bits as u32);
+    if x < -87.3 { 0.0 } else { y }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_within_two_ulp_of_libm_on_the_softmax_range() {
+        let mut worst = 0f32;
+        let mut x = -87.0f32;
+        while x <= 0.0 {
+            let (got, want) = (exp(x), x.exp());
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.001_37;
+        }
+        assert!(worst < 2.5e-7, "worst relative error {worst}");
+        assert_eq!(exp(0.0), 1.0);
+        assert_eq!(exp(-100.0), 0.0);
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert!(exp(f32::NAN).is_nan());
+    }
+
+    /// Against burn's own attention on the same inputs: self- and cross-attention, several heads, a sequence
+    /// length that is not a multiple of the block size.
+    #[test]
+    fn attention_matches_burns() {
+        let dev = Device::flex();
+        let t = |shape: [usize; 3], f: f32| {
+            let n = shape.iter().product::<usize>();
+            Tensor::<3>::from_data(TensorData::new((0..n).map(|i| (i as f32 * f).sin() * 2.0).collect::<Vec<_>>(),
+                                                   shape), &dev)
+        };
+        for (b, sq, sk, heads, d) in [(2, 150, 150, 3, 8), (1, 70, 77, 2, 16), (2, 300, 5, 1, 4)] {
+            let (q, k, v) = (t([b, sq, heads * d], 0.37), t([b, sk, heads * d], 0.71), t([b, sk, heads * d], 0.13));
+            assert!(takes(&q));
+            let scale = 1.0 / (d as f32).sqrt();
+            let split = |x: Tensor<3>, s: usize| x.reshape([b, s, heads, d]).swap_dims(1, 2);
+            let want = burn::tensor::module::attention(
+                split(q.clone(), sq), split(k.clone(), sk), split(v.clone(), sk), None, None,
+                burn::tensor::ops::AttentionModuleOptions { scale: Some(scale as f64), softcap: None,
+                                                            is_causal: false })
+                .swap_dims(1, 2).reshape([b, sq, heads * d]);
+            let got = attention(q, k, v, heads, scale);
+            let diff = (got - want).abs().max().into_scalar::<f32>();
+            assert!(diff < 1e-5, "{b} {sq} {sk} {heads} {d}: max difference {diff}");
+        }
+    }
+}
