@@ -9,15 +9,25 @@
 //! only for f32 tensors on the CPU outside autodiff (attacks and `harden` keep burn's differentiable op; wgpu keeps
 //! its own kernel).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use rayon::prelude::*;
+
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Turns these kernels off (burn's own ops are used instead) or back on, for the whole process: the benchmarks
+/// measure both in one run, and a kernel can be ruled out when a result is in doubt.
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
 
 /// Query rows per task: the block's scores (`ROWS × seq_kv` f32) stay in L2 for the 4,096 keys of a 64² latent.
 const ROWS: usize = 64;
 
 /// Whether [`attention`] handles tensors like `x` (f32, on the CPU, no autodiff).
 pub fn takes(x: &Tensor<3>) -> bool {
-    x.dtype() == DType::F32 && !x.is_autodiff() && x.device() == Device::flex()
+    ENABLED.load(Ordering::Relaxed) && x.dtype() == DType::F32 && !x.is_autodiff() && x.device() == Device::flex()
 }
 
 /// `softmax(q kᵀ · scale) v` per head, on `[batch, seq, heads·dim]` projections (`q` may have another sequence

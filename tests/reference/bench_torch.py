@@ -2,7 +2,10 @@
 """The PyTorch/diffusers side of `cargo bench --bench unet_step`: one UNet denoising step (batch 2, as with
 classifier-free guidance) or one VAE decode (batch 1) on the CPU, in f32, with the same thread count as the Rust side.
 
-    python tests/reference/bench_torch.py MODEL_DIR SIZE_PX STEPS THREADS [unet|vae]   -> one JSON line on stdout
+    python tests/reference/bench_torch.py MODEL_DIR SIZE_PX STEPS THREADS [unet|vae|generate]   -> a JSON line
+
+`generate`: one whole run (load, prompt encoding, $UNSEE_BENCH_GEN_STEPS DDIM steps with guidance 7.5, decode) of a
+`StableDiffusionPipeline` built from the folder's components, as `unsee generate` does it.
 """
 import json
 import resource
@@ -13,11 +16,38 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 
+def generate(model_dir, size, threads):
+    import os
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextModel, CLIPTokenizer
+    torch.set_num_threads(threads)
+    steps = int(os.environ.get("UNSEE_BENCH_GEN_STEPS", "2"))
+    fp16 = not os.path.exists(os.path.join(model_dir, "unet", "diffusion_pytorch_model.safetensors"))
+    kw = dict(variant="fp16" if fp16 else None, torch_dtype=torch.float32)
+    t0 = time.perf_counter()
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(model_dir, subfolder="vae", **kw),
+        text_encoder=CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", **kw),
+        tokenizer=CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer"),
+        unet=UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", **kw),
+        scheduler=DDIMScheduler.from_pretrained(model_dir, subfolder="scheduler"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    with torch.no_grad():
+        pipe("a photograph of an astronaut riding a horse", num_inference_steps=steps, guidance_scale=7.5,
+             height=size, width=size, generator=torch.Generator().manual_seed(7), output_type="np")
+    s = time.perf_counter() - t0
+    print(json.dumps({"median_s": s, "min_s": s,
+                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "torch": torch.__version__, "threads": threads}))
+
+
 def main():
     model_dir, size, steps, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     torch.set_num_threads(threads)
     part = sys.argv[5] if len(sys.argv) > 5 else "unet"
     import os
+    if part == "generate":
+        return generate(model_dir, size, threads)
     sub, cls = ("unet", UNet2DConditionModel) if part == "unet" else ("vae", AutoencoderKL)
     variant = None
     if not os.path.exists(os.path.join(model_dir, sub, "diffusion_pytorch_model.safetensors")):
