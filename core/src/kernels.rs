@@ -31,7 +31,8 @@ pub fn takes(x: &Tensor<3>) -> bool {
 }
 
 /// `softmax(q kᵀ · scale) v` per head, on `[batch, seq, heads·dim]` projections (`q` may have another sequence
-/// length than `k`/`v`). Returns `[batch, seq_q, heads·dim]`. The caller checks [`takes`].
+/// length than `k`/`v`). Returns `[batch, seq_q, heads·dim]`. The caller checks [`takes`], that no dimension is 0
+/// and that `heads` divides the width.
 pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, scale: f32) -> Tensor<3> {
     let device = q.device();
     let [b, sq, c] = q.dims();
