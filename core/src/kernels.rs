@@ -25,9 +25,11 @@ pub fn set_enabled(on: bool) {
 /// Query rows per task: the block's scores (`ROWS × seq_kv` f32) stay in L2 for the 4,096 keys of a 64² latent.
 const ROWS: usize = 64;
 
-/// Whether [`attention`] handles tensors like `x` (f32, on the CPU, no autodiff).
-pub fn takes(x: &Tensor<3>) -> bool {
-    ENABLED.load(Ordering::Relaxed) && x.dtype() == DType::F32 && !x.is_autodiff() && x.device() == Device::flex()
+/// Whether [`attention`] handles these operands: all f32, on the CPU, and none of them in autodiff (in an attack
+/// only the keys and values may carry the gradient: the text side is the variable, the latents are not).
+pub fn takes(operands: &[&Tensor<3>]) -> bool {
+    ENABLED.load(Ordering::Relaxed)
+        && operands.iter().all(|x| x.dtype() == DType::F32 && !x.is_autodiff() && x.device() == Device::flex())
 }
 
 /// `softmax(q kᵀ · scale) v` per head, on `[batch, seq, heads·dim]` projections (`q` may have another sequence
@@ -185,7 +187,8 @@ mod tests {
         };
         for (b, sq, sk, heads, d) in [(2, 150, 150, 3, 8), (1, 70, 77, 2, 16), (2, 300, 5, 1, 4)] {
             let (q, k, v) = (t([b, sq, heads * d], 0.37), t([b, sk, heads * d], 0.71), t([b, sk, heads * d], 0.13));
-            assert!(takes(&q));
+            assert!(takes(&[&q, &k, &v]));
+            assert!(!takes(&[&q, &k.clone().autodiff(), &v]), "a key in autodiff goes to burn's op");
             let scale = 1.0 / (d as f32).sqrt();
             let split = |x: Tensor<3>, s: usize| x.reshape([b, s, heads, d]).swap_dims(1, 2);
             let want = burn::tensor::module::attention(

@@ -34,7 +34,7 @@ pub fn multi_head_attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usi
     let [b, sq, c] = q.dims();
     let sk = k.dims()[1];
     let d = c / heads;
-    if !causal && heads > 0 && b * sq * sk * c > 0 && c % heads == 0 && crate::kernels::takes(&q) {
+    if !causal && heads > 0 && b * sq * sk * c > 0 && c % heads == 0 && crate::kernels::takes(&[&q, &k, &v]) {
         return crate::kernels::attention(q, k, v, heads, 1.0 / (d as f32).sqrt());
     }
     let split = |x: Tensor<3>, s: usize| x.reshape([b, s, heads, d]).swap_dims(1, 2);
