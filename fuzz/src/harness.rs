@@ -13,7 +13,7 @@ use unsee::vae::{AutoencoderKL, VaeConfig};
 use unsee::weights::{MappedSafetensors, Precision, TensorSource, load_module};
 
 /// The targets, by name (the names of `fuzz/fuzz_targets/*.rs` and `fuzz/corpus/*`).
-pub const TARGETS: [(&str, fn(&[u8])); 11] = [
+pub const TARGETS: [(&str, fn(&[u8])); 12] = [
     ("safetensors_load", safetensors_load),
     ("compvis", compvis),
     ("config", config),
@@ -25,6 +25,7 @@ pub const TARGETS: [(&str, fn(&[u8])); 11] = [
     ("quantized_component", quantized_component),
     ("bundle_manifest", bundle_manifest),
     ("lora_file", lora_file),
+    ("pytorch_checkpoint", pytorch_checkpoint),
 ];
 
 fn tiny() -> &'static Path {
@@ -166,4 +167,18 @@ pub fn lora_file(data: &[u8]) {
     if let Ok(lora) = unsee::lora::Lora::read(&p, &unet, &ucfg, &te) {
         let _ = lora.merge(0.5, &mut unet, &mut te, Precision::F32);
     }
+}
+
+/// A PyTorch checkpoint (`--text-encoder model.pt`, `unsee convert`): the input as a `torch.save` zip archive (its
+/// `data.pkl` walked by the reference check, the tensors read by burn-store's pickle reader, converted and loaded
+/// into the tiny text encoder), and the input as a bare pickle stream through the reference check.
+pub fn pytorch_checkpoint(data: &[u8]) {
+    let p = scratch("model.pt", data);
+    if let Ok(bytes) = unsee::pickle::text_encoder_safetensors(&p) {
+        let cfg: ClipTextConfig = read_json("text_encoder/config.json");
+        let device = select(DeviceChoice::Cpu, Precision::F32).expect("cpu").device;
+        let mut model = CLIPTextModel::new(&cfg, &device).expect("tiny text encoder");
+        let _ = load_module(&mut model, "text_encoder", TensorSource::Bytes { origin: p.clone(), bytes }, Precision::F32);
+    }
+    let _ = unsee::pickle::check_references(data, &p);
 }
