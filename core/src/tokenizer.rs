@@ -92,12 +92,16 @@ impl ClipTokenizer {
         let bos = special("bos_token", "<|startoftext|>")?;
         let eos = special("eos_token", "<|endoftext|>")?;
         let pad = special("pad_token", "<|endoftext|>")?;
-        let max_length = config
-            .get("model_max_length")
-            .and_then(|v| v.as_u64())
-            .filter(|&n| n > 2 && n <= 1024)
-            .map(|n| n as usize)
-            .unwrap_or(MAX_LENGTH);
+        // transformers writes int(1e30) when a tokenizer has no length of its own ("no limit"): CLIP's 77 then.
+        // Anything else outside 3..=1024 (room for BOS, EOS and one token) is an error, not a silent default.
+        let max_length = match config.get("model_max_length") {
+            None | Some(Value::Null) => MAX_LENGTH,
+            Some(v) if v.as_f64().is_some_and(|n| n >= 1e18) => MAX_LENGTH,
+            Some(v) => match v.as_u64() {
+                Some(n @ 3..=1024) => n as usize,
+                _ => return Err(Error::Tokenizer(format!("model_max_length {v} is outside 3..=1024"))),
+            },
+        };
         Ok(Self { inner, bos, eos, pad, max_length })
     }
 

@@ -117,6 +117,12 @@ fn bad_config_values_and_requests_are_errors_not_panics() {
     info_fails(&tiny_with("eos", "text_encoder/config.json", |v| v["vocab_size"] = 49407.into()), "vocab_size");
     info_fails(&tiny_with("maxlen", "tokenizer/tokenizer_config.json", |v| v["model_max_length"] = 100.into()),
                "positions");
+    // A length with no room for a prompt is an error, not a silent fall-back to 77 (transformers' "no limit"
+    // sentinel, int(1e30), still means CLIP's 77).
+    info_fails(&tiny_with("maxlen0", "tokenizer/tokenizer_config.json", |v| v["model_max_length"] = 0.into()),
+               "model_max_length");
+    info_fails(&tiny_with("maxlen-str", "tokenizer/tokenizer_config.json", |v| v["model_max_length"] = "77".into()),
+               "model_max_length");
     info_fails(&tiny_with("latent", "vae/config.json", |v| v["latent_channels"] = 3.into()), "latent");
     // 10,000 concepts with TIME (77 keys each).
     let d = tmp("time");
