@@ -61,6 +61,13 @@ impl ClipTokenizer {
         if !dir.is_dir() {
             return Err(Error::Tokenizer(format!("tokenizer folder {} not found", dir.display())));
         }
+        // A tokenizer file that is there but not a regular file (a folder, a FIFO) is an error, not "absent".
+        for name in ["tokenizer.json", "vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"] {
+            let p = dir.join(name);
+            if p.exists() && !p.is_file() {
+                return Err(Error::Tokenizer(format!("{} is not a regular file", p.display())));
+            }
+        }
         let tokenizer_json = dir.join("tokenizer.json");
         let inner = untrusted(&dir.display().to_string(), || Ok(if tokenizer_json.is_file() {
             Tokenizer::from_file(&tokenizer_json).map_err(|e| Error::Tokenizer(format!("{}: {e}", tokenizer_json.display())))?

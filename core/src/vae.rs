@@ -67,6 +67,10 @@ impl VaeConfig {
         count("layers_per_block", self.layers_per_block, 1, MAX_LAYERS)?;
         count("norm_num_groups", self.norm_num_groups, 1, MAX_WIDTH)?;
         positive("scaling_factor", self.scaling_factor)?;
+        // SD's is 0.18215 (SDXL 0.13025, SD3 1.5305): a huge one scales every latent to ~0, a flat image.
+        if self.scaling_factor > 100.0 {
+            return Err(format!("scaling_factor = {} is above 100 (Stable Diffusion's is 0.18215)", self.scaling_factor));
+        }
         if self.shift_factor.is_some_and(|s| !s.is_finite()) {
             return Err("shift_factor must be finite".into());
         }

@@ -121,6 +121,10 @@ fn bad_config_values_and_requests_are_errors_not_panics() {
     // sentinel, int(1e30), still means CLIP's 77).
     info_fails(&tiny_with("maxlen0", "tokenizer/tokenizer_config.json", |v| v["model_max_length"] = 0.into()),
                "model_max_length");
+    let dir = tiny_with("tok-dir", "tokenizer/tokenizer_config.json", |_| {});
+    std::fs::remove_file(dir.join("tokenizer/tokenizer_config.json")).unwrap();
+    std::fs::create_dir(dir.join("tokenizer/tokenizer_config.json")).unwrap();
+    info_fails(&dir, "not a regular file");
     info_fails(&tiny_with("maxlen-str", "tokenizer/tokenizer_config.json", |v| v["model_max_length"] = "77".into()),
                "model_max_length");
     info_fails(&tiny_with("latent", "vae/config.json", |v| v["latent_channels"] = 3.into()), "latent");
@@ -197,6 +201,8 @@ fn no_silent_black_images() {
                    "beta_end");
     generate_fails(&model_dir("tiny"), &["--guidance", "1e300"], "guidance");
     // A scaling factor that passes validation but overflows the decoder's input: NaN/Inf output is an error.
+    generate_fails(&tiny_with("scaling-huge", "vae/config.json", |v| v["scaling_factor"] = 1e30.into()), &[],
+                   "scaling_factor");
     generate_fails(&tiny_with("scaling-tiny", "vae/config.json", |v| v["scaling_factor"] = 1e-38.into()), &[],
                    "NaN or Inf");
     let d = tmp("latents");
