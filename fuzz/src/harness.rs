@@ -38,6 +38,13 @@ fn read_json<T: serde::de::DeserializeOwned>(rel: &str) -> T {
     serde_json::from_str(&text).expect("tiny-sd config parses")
 }
 
+/// The tiny model's text encoder, freshly initialised on the CPU.
+fn tiny_text_encoder() -> CLIPTextModel {
+    let cfg: ClipTextConfig = read_json("text_encoder/config.json");
+    let device = select(DeviceChoice::Cpu, Precision::F32).expect("cpu").device;
+    CLIPTextModel::new(&cfg, &device).expect("tiny text encoder")
+}
+
 /// A scratch file of this process holding `data`.
 fn scratch(name: &str, data: &[u8]) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("unsee-fuzz-{}", std::process::id()));
@@ -50,10 +57,7 @@ fn scratch(name: &str, data: &[u8]) -> PathBuf {
 
 /// A safetensors buffer loaded into the tiny text encoder (headers, offsets, dtypes, shapes, names).
 pub fn safetensors_load(data: &[u8]) {
-    let cfg: ClipTextConfig = read_json("text_encoder/config.json");
-    let device = select(DeviceChoice::Cpu, Precision::F32).expect("cpu").device;
-    let mut model = CLIPTextModel::new(&cfg, &device).expect("tiny text encoder");
-    let _ = load_module(&mut model, "text_encoder",
+    let _ = load_module(&mut tiny_text_encoder(), "text_encoder",
                         TensorSource::Bytes { origin: "fuzz".into(), bytes: data.to_vec() }, Precision::F32);
     let p = scratch("weights.safetensors", data);
     if let Ok(m) = MappedSafetensors::open(&p) {
@@ -159,10 +163,9 @@ pub fn bundle_manifest(data: &[u8]) {
 /// A LoRA file read against the tiny model and merged into it (`--lora FILE`).
 pub fn lora_file(data: &[u8]) {
     let ucfg: unsee::unet::UNetConfig = read_json("unet/config.json");
-    let tcfg: ClipTextConfig = read_json("text_encoder/config.json");
     let device = select(DeviceChoice::Cpu, Precision::F32).expect("cpu").device;
     let mut unet = unsee::unet::UNet2DConditionModel::new(&ucfg, &device).expect("tiny unet");
-    let mut te = CLIPTextModel::new(&tcfg, &device).expect("tiny text encoder");
+    let mut te = tiny_text_encoder();
     let p = scratch("lora.safetensors", data);
     if let Ok(lora) = unsee::lora::Lora::read(&p, &unet, &ucfg, &te) {
         let _ = lora.merge(0.5, &mut unet, &mut te, Precision::F32);
@@ -175,10 +178,8 @@ pub fn lora_file(data: &[u8]) {
 pub fn pytorch_checkpoint(data: &[u8]) {
     let p = scratch("model.pt", data);
     if let Ok(bytes) = unsee::pickle::text_encoder_safetensors(&p) {
-        let cfg: ClipTextConfig = read_json("text_encoder/config.json");
-        let device = select(DeviceChoice::Cpu, Precision::F32).expect("cpu").device;
-        let mut model = CLIPTextModel::new(&cfg, &device).expect("tiny text encoder");
-        let _ = load_module(&mut model, "text_encoder", TensorSource::Bytes { origin: p.clone(), bytes }, Precision::F32);
+        let _ = load_module(&mut tiny_text_encoder(), "text_encoder", TensorSource::Bytes { origin: p.clone(), bytes },
+                            Precision::F32);
     }
     let _ = unsee::pickle::check_references(data, &p);
 }
