@@ -95,6 +95,7 @@ fn main() {
                     let t = Instant::now();
                     let cold = erase(&mut sd, &spec).unwrap();
                     let total_cold = t.elapsed().as_secs_f64();
+                    drop(sd); // one model in memory at a time, as in an app
                     let mut sd = StableDiffusion::load(dir, dev, &LoadOptions::default()).unwrap();
                     let t = Instant::now();
                     let warm = erase(&mut sd, &spec).unwrap();

@@ -270,8 +270,8 @@ impl Lora {
     pub fn read(path: &Path, unet: &UNet2DConditionModel, unet_config: &UNetConfig, te: &CLIPTextModel)
         -> Result<Self> {
         let bad = |m: String| Error::InvalidLora { file: path.to_path_buf(), message: m };
-        if !path.is_file() {
-            return Err(Error::ModelNotFound(path.to_path_buf()));
+        if !path.exists() {
+            return Err(bad("no such file".into()));
         }
         let mapped = MappedSafetensors::open(path)?;
         let sha256 = {

@@ -114,6 +114,9 @@ pub fn component_weights(root: &Path, component: &str, stem: &str) -> Result<Pat
 
 pub fn read_config<T: serde::de::DeserializeOwned>(root: &Path, component: &str, file: &str) -> Result<T> {
     let p = root.join(component).join(file);
+    if p.exists() && !p.is_file() {
+        return Err(Error::invalid_model(&p, "not a regular file (a folder, FIFO or device)"));
+    }
     if !p.is_file() {
         return Err(Error::MissingComponent {
             path: root.to_path_buf(),

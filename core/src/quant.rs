@@ -423,12 +423,6 @@ pub struct Loaded {
     pub quant: Option<Quant>,
 }
 
-/// Whether `path` is an `unsee-quantized` component file (reads only its header).
-pub fn is_quantized_file(path: &Path) -> bool {
-    crate::weights::MappedSafetensors::open(path).ok().and_then(|m| m.metadata())
-        .is_some_and(|m| m.get("format").is_some_and(|f| f == FORMAT))
-}
-
 /// Reads `path` once (a plain or an `unsee-quantized` safetensors file) into `module`, 128 MiB at a time, and
 /// checks it against `expect` (size first; SHA-256 of exactly the bytes that became weights at the end). `module`
 /// must be a fresh one that the caller drops on any error: after an error it may hold part of the file.

@@ -14,9 +14,10 @@ use crate::error::{Error, Result};
 
 pub const MAX_LENGTH: usize = 77;
 
+/// Cheap to clone (the vocabulary and merges are shared): the model is cloned whenever an edit is staged.
 #[derive(Clone)]
 pub struct ClipTokenizer {
-    inner: Tokenizer,
+    inner: std::sync::Arc<Tokenizer>,
     pub bos: u32,
     pub eos: u32,
     pub pad: u32,
@@ -109,7 +110,7 @@ impl ClipTokenizer {
                 _ => return Err(Error::Tokenizer(format!("model_max_length {v} is outside 3..=1024"))),
             },
         };
-        Ok(Self { inner, bos, eos, pad, max_length })
+        Ok(Self { inner: std::sync::Arc::new(inner), bos, eos, pad, max_length })
     }
 
     /// Content tokens of `text`, without BOS/EOS.

@@ -57,6 +57,12 @@ impl MappedSafetensors {
         if is_pickle(path) {
             return Err(Error::PickleRefused { file: path.to_path_buf() });
         }
+        // Checked before opening: opening a FIFO would block, and mapping a folder fails with "No such device".
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        if !meta.is_file() {
+            return Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::InvalidInput,
+                                                           "not a regular file (a folder, FIFO or device)")));
+        }
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: the mapping is read-only and lives as long as `self`; a file truncated by another process while
         // mapped is outside what any mmap-based loader can defend against.
@@ -206,21 +212,12 @@ fn ignorable(key: &str) -> bool {
 /// Loads `source` into `module`, casting floats to `precision`. Everything wrong is reported at once.
 pub fn load_module<M: ModuleSnapshot>(module: &mut M, component: &str, source: TensorSource, precision: Precision)
     -> Result<()> {
-    load_module_remapped(module, component, source, precision, &[])
-}
-
-/// [`load_module`] with regex key renames applied to the file's names first (`(pattern, replacement)`).
-pub fn load_module_remapped<M: ModuleSnapshot>(module: &mut M, component: &str, source: TensorSource,
-                                               precision: Precision, renames: &[(&str, &str)]) -> Result<()> {
     let adapter = PyTorchToBurnAdapter.chain(FloatCastAdapter::to(precision.dtype()));
     let (origin, store) = match source {
         TensorSource::File(p) => (p.clone(), SafetensorsStore::from_file(p)),
         TensorSource::Bytes { origin, bytes } => (origin, SafetensorsStore::from_bytes(Some(bytes))),
     };
     let mut store = store.with_from_adapter(adapter).allow_partial(true).validate(false).skip_enum_variants(true);
-    for (pattern, replacement) in renames {
-        store = store.with_key_remapping(pattern, *replacement);
-    }
     let result = module
         .load_from(&mut store)
         .map_err(|e| Error::CorruptWeights { file: origin.clone(), message: e.to_string() })?;

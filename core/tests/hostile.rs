@@ -358,3 +358,35 @@ fn cancellation_stops_a_step_part_way() {
     let b = sd.generate(&req, Inputs::default(), &mut |_| Control::Continue, Target::Rgba).unwrap();
     assert_eq!(a.rgba, b.rgba);
 }
+
+/// Errors name the real cause: a config that is a FIFO or a folder is "not a regular file" (not a missing
+/// component, and never opened: a FIFO would block), an `--erasure` or `--lora` that is a folder likewise (not
+/// "No such device" from mapping it), and a missing LoRA is a LoRA error (not "model not found").
+#[cfg(unix)]
+#[test]
+fn errors_name_the_real_cause() {
+    let d = tmp("causes");
+    let model = d.join("model");
+    copy_dir(&model_dir("tiny"), &model);
+    let config = model.join("unet").join("config.json");
+    std::fs::remove_file(&config).unwrap();
+    assert!(Command::new("mkfifo").arg(&config).status().unwrap().success());
+    info_fails(&model, "not a regular file");
+    std::fs::remove_file(&config).unwrap();
+    std::fs::create_dir(&config).unwrap();
+    info_fails(&model, "not a regular file");
+    let folder = d.join("folder.safetensors");
+    std::fs::create_dir_all(&folder).unwrap();
+    let out = d.join("x.png");
+    let generate = |flag: &str, value: &Path| {
+        vec!["generate".to_string(), "--device".into(), "cpu".into(), "--prompt".into(), "x".into(), "--steps".into(),
+             "1".into(), flag.into(), value.to_str().unwrap().into(), "--out".into(), out.to_str().unwrap().into()]
+    };
+    for flag in ["--erasure", "--lora"] {
+        let args = generate(flag, &folder);
+        fails_with(&args.iter().map(String::as_str).collect::<Vec<_>>(), "not a regular file");
+    }
+    let args = generate("--lora", &d.join("absent.safetensors"));
+    fails_with(&args.iter().map(String::as_str).collect::<Vec<_>>(), "not a usable LoRA: no such file");
+    assert!(!out.exists());
+}

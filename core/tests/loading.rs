@@ -109,3 +109,30 @@ fn prefix_encoding_equals_full_encoding() {
     let d = sd.text_config.hidden_size;
     assert_close("prefix encoding", &prefix, &full[..p * d], 1e-5);
 }
+
+#[test]
+fn batched_prefix_encoding_equals_one_prompt_at_a_time() {
+    // Keys::prefetch encodes many prompts per call, padded to the batch's longest prefix; every key must equal the
+    // one-prompt encoding. Enough prompts for several batches in each mode, of many lengths, with duplicates, the
+    // empty prompt and one cut at 77 tokens.
+    use unsee::erase::keys::Keys;
+    use unsee::erase::spec::TokenMode;
+    let sd = StableDiffusion::load(&model_dir("tiny"), cpu(Precision::F32), &LoadOptions::default()).unwrap();
+    let words = ["cat", "a red circle", "van gogh's starry night over the river", "x", "painter 7 style"];
+    let mut prompts: Vec<String> = (0..300).map(|i| format!("{} number {i}", words[i % words.len()])).collect();
+    prompts.extend(["".to_string(), "cat number 0".into(), "long ".repeat(100)]);
+    for (mode, n) in [(TokenMode::Last, prompts.len()), (TokenMode::Tail, 60)] {
+        let mut batched = Keys::new(&sd);
+        batched.prefetch(&prompts[prompts.len() - n..], mode).unwrap();
+        // Every distinct prompt was encoded by the batched call (one duplicate in the Last set).
+        assert_eq!(batched.cached(), if mode == TokenMode::Last { n - 1 } else { n });
+        let mut single = Keys::new(&sd);
+        for p in &prompts[prompts.len() - n..] {
+            let (a, b) = (batched.columns(p, mode).unwrap(), single.columns(p, mode).unwrap());
+            assert_eq!(a.len(), b.len(), "{p:?}");
+            let (a, b): (Vec<f32>, Vec<f32>) = (a.concat().iter().map(|&x| x as f32).collect(),
+                                                b.concat().iter().map(|&x| x as f32).collect());
+            assert_close(&format!("{mode:?} keys of {p:?}"), &a, &b, 1e-5);
+        }
+    }
+}

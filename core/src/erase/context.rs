@@ -17,6 +17,8 @@ use crate::load::StableDiffusion;
 pub struct UnetEdit<'a> {
     pub spec: &'a Spec,
     pub keys: Keys<'a>,
+    /// Hash of the text encoder the keys come from (the key of the disk cache).
+    pub te_hash: String,
     /// The targeted projections (`…attn2.to_k|to_v`) and their base weights W₀ (d_out × d).
     pub names: Vec<String>,
     pub w0: Vec<M>,
@@ -56,7 +58,7 @@ impl<'a> UnetEdit<'a> {
         } else {
             None
         };
-        Ok(Self { spec, keys, names, w0, d, ke, kg, gram, pin, base_hashes, warnings,
+        Ok(Self { spec, keys, te_hash: te_hash.to_string(), names, w0, d, ke, kg, gram, pin, base_hashes, warnings,
                   encode_s: t0.elapsed().as_secs_f64() })
     }
 }

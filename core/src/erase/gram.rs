@@ -1,26 +1,36 @@
-//! The preservation Gram G = Σ k kᵀ over a spec's preserve prompts, and its disk cache (encoding a large preserve
-//! set dominates an edit's time, and the same set is reused across edits).
+//! The preservation Gram G = Σ k kᵀ over a spec's preserve prompts, the preserve prompts' last-token keys, and
+//! their disk cache (encoding a large preserve set dominates an edit's time, and the same set is reused across
+//! edits).
 //!
 //! The cache is never trusted: it lives in a private per-user folder (created 0700, refused if another user owns it
 //! or others can write it), entries are written atomically through exclusively created files, and an entry is used
-//! only if its magic, key (text-encoder hash, token mode and prompt list), width, count, SHA-256 checksum and
+//! only if its magic, key (text-encoder hash, positions and prompt list), shape, count, SHA-256 checksum and
 //! finiteness all check out; anything else is recomputed (and rewritten).
+//!
+//! Methods that use the last subject token (UCE, SPEED, ErasePro) cache the keys K (d × n, 8 bytes per value:
+//! 6 MB for 1,000 prompts at d = 768) and form G = KKᵀ from them, so SPEED's per-layer retain filtering finds the
+//! keys themselves there; methods that use every position after the subject (RECE, `tail`) cache only G, since
+//! their keys would be ~70 columns per prompt.
 
 use std::path::PathBuf;
 
 use sha2::{Digest, Sha256};
 
 use super::keys::Keys;
-use super::linalg::{M, from_columns, zeros};
+use super::linalg::{M, zeros};
 use super::spec::{Spec, TokenMode};
 use crate::error::Result;
 
-const MAGIC: &[u8; 16] = b"unsee-gram-v2\0\0\0";
+/// Entry kinds: a Gram (d × d) or a key matrix (d × n).
+const GRAM: &[u8; 16] = b"unsee-gram-v3\0\0\0";
+const KEYS: &[u8; 16] = b"unsee-keys-v1\0\0\0";
 
-/// Preservation Gram G = Σ k kᵀ over the preserve prompts (× templates) at the method's positions; for the
-/// 2023-style `tail` mode the unconditional prompt "" is always included, as in UCE's original script.
-/// Returns G and the number of keys summed. Cached (see the module docs) in [`cache_dir`].
-pub fn preservation_gram(keys: &mut Keys, spec: &Spec, te_hash: &str, d: usize) -> Result<(M, usize)> {
+/// Key columns summed into the Gram per matrix product (bounds the host copy to d × 512 values).
+const GRAM_CHUNK: usize = 512;
+
+/// The preserve prompts of `spec` (each preserve prompt × each template, in that order); for the 2023-style `tail`
+/// mode the unconditional prompt "" is appended, as in UCE's original script.
+pub fn preserve_prompts(spec: &Spec) -> Vec<String> {
     let mut prompts: Vec<String> = spec
         .preserve
         .iter()
@@ -29,61 +39,123 @@ pub fn preservation_gram(keys: &mut Keys, spec: &Spec, te_hash: &str, d: usize) 
     if spec.token_mode == TokenMode::Tail {
         prompts.push(String::new());
     }
-    if prompts.is_empty() {
-        return Ok((zeros(d, d), 0));
-    }
-    let key: [u8; 32] = {
-        let mut h = Sha256::new();
-        h.update(te_hash.as_bytes());
+    prompts
+}
+
+/// The cache key of a prompt list at some positions under one text encoder.
+fn cache_key(te_hash: &str, positions: &str, prompts: &[String]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(te_hash.as_bytes());
+    h.update([0u8]);
+    h.update(positions.as_bytes());
+    for p in prompts {
         h.update([0u8]);
-        h.update(format!("{:?}", spec.token_mode).as_bytes());
-        for p in &prompts {
-            h.update([0u8]);
-            h.update(p.as_bytes());
-        }
-        h.finalize().into()
-    };
-    let path = cache_dir().map(|dir| dir.join(format!("gram-{}.bin", hex(&key))));
+        h.update(p.as_bytes());
+    }
+    h.finalize().into()
+}
+
+/// A cached matrix of `magic`'s kind and the given shape, or `compute` (whose result is then cached).
+fn cached(magic: &[u8; 16], key: &[u8; 32], shape: (usize, usize), what: &str,
+          compute: impl FnOnce() -> Result<(M, usize)>) -> Result<(M, usize)> {
+    let kind = if magic == GRAM { "gram" } else { "keys" };
+    let path = cache_dir().map(|dir| dir.join(format!("{kind}-{}.bin", hex(key))));
     if let Some(path) = &path {
-        match read_entry(path, &key, d) {
+        match read_entry(path, magic, key, shape) {
             Some(hit) => {
-                tracing::info!("preservation Gram of {} prompts loaded from cache", prompts.len());
+                tracing::info!("{what} loaded from cache");
                 return Ok(hit);
             }
-            None if path.exists() => tracing::warn!("ignoring an invalid Gram cache entry {}", path.display()),
+            None if path.exists() => tracing::warn!("ignoring an invalid cache entry {}", path.display()),
             None => {}
         }
     }
-    let mut g = zeros(d, d);
-    let mut count = 0;
-    for p in &prompts {
-        let cols = keys.columns(p, if spec.token_mode == TokenMode::All { TokenMode::Last } else { spec.token_mode })?;
-        let k = from_columns(d, &cols);
-        g += &k * k.transpose();
-        count += cols.len();
-    }
+    let (m, count) = compute()?;
     if let Some(path) = &path
-        && let Err(e) = crate::weights::write_atomic(path, &entry(&key, d, count, &g))
+        && let Err(e) = crate::weights::write_atomic(path, &entry(magic, key, count, &m))
     {
-        tracing::warn!("could not cache the preservation Gram: {e}");
+        tracing::warn!("could not cache the {what}: {e}");
     }
-    Ok((g, count))
+    Ok((m, count))
+}
+
+/// Last-subject-token keys (d × n, one column per prompt, in order) of `prompts`, batch-encoded on a cache miss.
+/// Cached (see the module docs).
+pub fn last_token_keys(keys: &mut Keys, prompts: &[String], te_hash: &str, d: usize) -> Result<M> {
+    if prompts.is_empty() {
+        return Ok(zeros(d, 0));
+    }
+    let key = cache_key(te_hash, "last-token keys", prompts);
+    let what = format!("last-token keys of {} prompts", prompts.len());
+    let (k, _) = cached(KEYS, &key, (d, prompts.len()), &what, || {
+        keys.prefetch(prompts, TokenMode::Last)?;
+        let mut k = zeros(d, prompts.len());
+        for (j, p) in prompts.iter().enumerate() {
+            let col = keys.last_token(p)?;
+            for (i, v) in col.into_iter().enumerate() {
+                k[(i, j)] = v;
+            }
+        }
+        Ok((k, prompts.len()))
+    })?;
+    Ok(k)
+}
+
+/// Σ k kᵀ over the columns of `k`, in chunks.
+fn gram_of_columns(k: &M) -> M {
+    let d = k.nrows();
+    let mut g = zeros(d, d);
+    let mut j = 0;
+    while j < k.ncols() {
+        let n = GRAM_CHUNK.min(k.ncols() - j);
+        let c = k.subcols(j, n);
+        g += c * c.transpose();
+        j += n;
+    }
+    g
+}
+
+/// Preservation Gram G = Σ k kᵀ over [`preserve_prompts`] at the method's positions. Returns G and the number of
+/// keys summed. Cached (see the module docs) in [`cache_dir`].
+pub fn preservation_gram(keys: &mut Keys, spec: &Spec, te_hash: &str, d: usize) -> Result<(M, usize)> {
+    let prompts = preserve_prompts(spec);
+    if prompts.is_empty() {
+        return Ok((zeros(d, d), 0));
+    }
+    if spec.token_mode != TokenMode::Tail {
+        // Last-token positions (`all` is TIME's, whose preserve keys are also the last tokens).
+        let k = last_token_keys(keys, &prompts, te_hash, d)?;
+        return Ok((gram_of_columns(&k), k.ncols()));
+    }
+    let key = cache_key(te_hash, &format!("{:?}", spec.token_mode), &prompts);
+    let what = format!("preservation Gram of {} prompts", prompts.len());
+    cached(GRAM, &key, (d, d), &what, || {
+        keys.prefetch(&prompts, TokenMode::Tail)?;
+        let mut cols = vec![];
+        for p in &prompts {
+            cols.extend(keys.columns(p, TokenMode::Tail)?);
+        }
+        let g = gram_of_columns(&super::linalg::from_columns(d, &cols));
+        Ok((g, cols.len()))
+    })
 }
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// magic ‖ key ‖ d ‖ count ‖ G (row-major f64) ‖ SHA-256 of everything before it.
-fn entry(key: &[u8; 32], d: usize, count: usize, g: &M) -> Vec<u8> {
-    let mut bytes = Vec::with_capacity(MAGIC.len() + 32 + 16 + d * d * 8 + 32);
-    bytes.extend_from_slice(MAGIC);
+/// magic ‖ key ‖ rows ‖ cols ‖ count ‖ the matrix (row-major f64) ‖ SHA-256 of everything before it.
+fn entry(magic: &[u8; 16], key: &[u8; 32], count: usize, m: &M) -> Vec<u8> {
+    let (r, c) = (m.nrows(), m.ncols());
+    let mut bytes = Vec::with_capacity(magic.len() + 32 + 24 + r * c * 8 + 32);
+    bytes.extend_from_slice(magic);
     bytes.extend_from_slice(key);
-    bytes.extend_from_slice(&(d as u64).to_le_bytes());
-    bytes.extend_from_slice(&(count as u64).to_le_bytes());
-    for i in 0..d {
-        for j in 0..d {
-            bytes.extend_from_slice(&g[(i, j)].to_le_bytes());
+    for n in [r, c, count] {
+        bytes.extend_from_slice(&(n as u64).to_le_bytes());
+    }
+    for i in 0..r {
+        for j in 0..c {
+            bytes.extend_from_slice(&m[(i, j)].to_le_bytes());
         }
     }
     let sum: [u8; 32] = Sha256::digest(&bytes).into();
@@ -91,16 +163,16 @@ fn entry(key: &[u8; 32], d: usize, count: usize, g: &M) -> Vec<u8> {
     bytes
 }
 
-/// The entry at `path`, if it is a regular file of exactly the expected size that checks out.
-fn read_entry(path: &std::path::Path, key: &[u8; 32], d: usize) -> Option<(M, usize)> {
-    let header = MAGIC.len() + 32 + 16;
-    let size = header + d * d * 8 + 32;
+/// The entry at `path`, if it is a regular file of exactly the expected kind, key and shape that checks out.
+fn read_entry(path: &std::path::Path, magic: &[u8; 16], key: &[u8; 32], (r, c): (usize, usize)) -> Option<(M, usize)> {
+    let header = magic.len() + 32 + 24;
+    let size = header.checked_add(r.checked_mul(c)?.checked_mul(8)?)?.checked_add(32)?;
     let meta = std::fs::symlink_metadata(path).ok()?;
     if !meta.file_type().is_file() || meta.len() != size as u64 {
         return None;
     }
     let bytes = std::fs::read(path).ok()?;
-    if bytes.len() != size || &bytes[..MAGIC.len()] != MAGIC || &bytes[MAGIC.len()..MAGIC.len() + 32] != key {
+    if bytes.len() != size || &bytes[..magic.len()] != magic || &bytes[magic.len()..magic.len() + 32] != key {
         return None;
     }
     let (body, sum) = bytes.split_at(size - 32);
@@ -108,15 +180,16 @@ fn read_entry(path: &std::path::Path, key: &[u8; 32], d: usize) -> Option<(M, us
         return None;
     }
     let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().unwrap_or([0; 8]));
-    if u64_at(MAGIC.len() + 32) != d as u64 {
+    let at = magic.len() + 32;
+    if u64_at(at) != r as u64 || u64_at(at + 8) != c as u64 {
         return None;
     }
-    let count = usize::try_from(u64_at(MAGIC.len() + 40)).ok()?;
+    let count = usize::try_from(u64_at(at + 16)).ok()?;
     let v: Vec<f64> = body[header..].chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap_or([0; 8]))).collect();
     if v.iter().any(|x| !x.is_finite()) {
         return None;
     }
-    Some((M::from_fn(d, d, |i, j| v[i * d + j]), count))
+    Some((M::from_fn(r, c, |i, j| v[i * c + j]), count))
 }
 
 /// The private per-user cache folder: `$UNSEE_CACHE_DIR`, else `$XDG_CACHE_HOME/unsee`, else `~/.cache/unsee`,
@@ -183,23 +256,30 @@ mod tests {
         let path = dir.join("gram.bin");
         let key = [7u8; 32];
         let g = M::from_fn(3, 3, |i, j| (i * 3 + j) as f64 + 0.5);
-        crate::weights::write_atomic(&path, &entry(&key, 3, 5, &g)).unwrap();
-        let (back, count) = read_entry(&path, &key, 3).unwrap();
+        crate::weights::write_atomic(&path, &entry(GRAM, &key, 5, &g)).unwrap();
+        let (back, count) = read_entry(&path, GRAM, &key, (3, 3)).unwrap();
         assert_eq!((back, count), (g.clone(), 5));
-        // Another key, another width: not used.
-        assert!(read_entry(&path, &[8u8; 32], 3).is_none());
-        assert!(read_entry(&path, &key, 4).is_none());
+        // Another key, another shape, another kind: not used.
+        assert!(read_entry(&path, GRAM, &[8u8; 32], (3, 3)).is_none());
+        assert!(read_entry(&path, GRAM, &key, (4, 4)).is_none());
+        assert!(read_entry(&path, KEYS, &key, (3, 3)).is_none());
+        // A key matrix that is not square round-trips too, and its transposed shape is refused.
+        let k = M::from_fn(3, 2, |i, j| (i * 2 + j) as f64 - 1.25);
+        let kpath = dir.join("keys.bin");
+        crate::weights::write_atomic(&kpath, &entry(KEYS, &key, 2, &k)).unwrap();
+        assert_eq!(read_entry(&kpath, KEYS, &key, (3, 2)).unwrap(), (k, 2));
+        assert!(read_entry(&kpath, KEYS, &key, (2, 3)).is_none());
         // A right-sized forgery (zeros), a flipped byte, a NaN with a matching checksum: all refused.
         let good = std::fs::read(&path).unwrap();
         std::fs::write(&path, vec![0u8; good.len()]).unwrap();
-        assert!(read_entry(&path, &key, 3).is_none());
+        assert!(read_entry(&path, GRAM, &key, (3, 3)).is_none());
         let mut flipped = good.clone();
-        flipped[MAGIC.len() + 48] ^= 1;
+        flipped[GRAM.len() + 56] ^= 1; // the first value
         std::fs::write(&path, &flipped).unwrap();
-        assert!(read_entry(&path, &key, 3).is_none());
+        assert!(read_entry(&path, GRAM, &key, (3, 3)).is_none());
         let nan = M::from_fn(3, 3, |_, _| f64::NAN);
-        std::fs::write(&path, entry(&key, 3, 5, &nan)).unwrap();
-        assert!(read_entry(&path, &key, 3).is_none());
+        std::fs::write(&path, entry(GRAM, &key, 5, &nan)).unwrap();
+        assert!(read_entry(&path, GRAM, &key, (3, 3)).is_none());
         // A symlink is not followed.
         #[cfg(unix)]
         {
@@ -207,7 +287,7 @@ mod tests {
             std::fs::write(&real, &good).unwrap();
             std::fs::remove_file(&path).unwrap();
             std::os::unix::fs::symlink(&real, &path).unwrap();
-            assert!(read_entry(&path, &key, 3).is_none());
+            assert!(read_entry(&path, GRAM, &key, (3, 3)).is_none());
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }

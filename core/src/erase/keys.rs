@@ -1,13 +1,19 @@
 //! Prompt keys: text-encoder hidden states as f64 columns (cached per prompt and prefix), the token alignment of
 //! a concept prompt with its replacement, and the (concept, guide) key pairs every cross-attention edit solves for.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+
+use burn::tensor::{Int, Tensor, TensorData};
 
 use super::linalg::{self, M};
 use super::spec::{Spec, TokenMode};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::load::StableDiffusion;
 use crate::tokenizer::Tokens;
+
+/// Most positions (prompts × padded prefix length) per text-encoder call in [`Keys::prefetch`]: large enough for
+/// the projections to be efficient matrix products, small enough for the activations to stay a few tens of MB.
+const BATCH_TOKENS: usize = 2048;
 
 /// Host copies of text-encoder hidden states, by prompt and prefix length.
 pub struct Keys<'a> {
@@ -24,7 +30,7 @@ impl<'a> Keys<'a> {
     /// prefix is encoded alone.
     pub fn hidden(&mut self, prompt: &str, len: Option<usize>) -> Result<(M, Tokens)> {
         let tokens = self.sd.tokenizer.encode(prompt)?;
-        let len = len.unwrap_or(tokens.ids.len()).min(tokens.ids.len()).max(1);
+        let len = prefix_len(len, &tokens);
         if let Some(v) = self.cache.get(&(prompt.to_string(), len)) {
             return Ok(v.clone());
         }
@@ -32,6 +38,56 @@ impl<'a> Keys<'a> {
         let m = linalg::from_hidden(h)?;
         self.cache.insert((prompt.to_string(), len), (m.clone(), tokens.clone()));
         Ok((m, tokens))
+    }
+
+    /// Encodes, many prompts per text-encoder call, every prompt of `prompts` not yet cached at the positions
+    /// `mode` uses (through the last subject token for [`TokenMode::Last`], all positions otherwise), so that the
+    /// [`hidden`](Self::hidden), [`last_token`](Self::last_token) and [`columns`](Self::columns) calls that follow
+    /// are cache hits. Requests are sorted by prefix length and batched; a batch is padded to its longest prefix
+    /// with each prompt's own next tokens, which CLIP's causal mask keeps from changing the earlier positions.
+    pub fn prefetch(&mut self, prompts: &[String], mode: TokenMode) -> Result<()> {
+        let mut todo: Vec<(String, usize, Tokens)> = vec![];
+        let mut seen = BTreeSet::new();
+        for prompt in prompts {
+            let tokens = self.sd.tokenizer.encode(prompt)?;
+            let len = prefix_len((mode == TokenMode::Last).then_some(tokens.eos_position), &tokens);
+            let key = (prompt.clone(), len);
+            if self.cache.contains_key(&key) || !seen.insert(key) {
+                continue;
+            }
+            todo.push((prompt.clone(), len, tokens));
+        }
+        todo.sort_by_key(|t| t.1);
+        let d = self.sd.text_encoder.hidden_size();
+        let mut start = 0;
+        while start < todo.len() {
+            // Ascending lengths: the batch's padded length is its last prompt's.
+            let mut end = start + 1;
+            while end < todo.len() && (end + 1 - start) * todo[end].1 <= BATCH_TOKENS {
+                end += 1;
+            }
+            let batch = &todo[start..end];
+            let l = batch[batch.len() - 1].1;
+            let mut ids = Vec::with_capacity(batch.len() * l);
+            for (_, _, t) in batch {
+                let row = t.ids.get(..l).ok_or_else(|| Error::Internal("prompts of unequal padded length".into()))?;
+                ids.extend(row.iter().map(|&i| i as i64));
+            }
+            let ids = Tensor::<1, Int>::from_data(TensorData::new(ids, [batch.len() * l]), self.sd.dev())
+                .reshape([batch.len(), l]);
+            let h = crate::tensor::to_f32_vec(self.sd.text_encoder.forward(ids))?;
+            for (b, (prompt, len, tokens)) in batch.iter().enumerate() {
+                let m = M::from_fn(d, *len, |i, j| h[(b * l + j) * d + i] as f64);
+                self.cache.insert((prompt.clone(), *len), (m, tokens.clone()));
+            }
+            start = end;
+        }
+        Ok(())
+    }
+
+    /// How many (prompt, prefix) encodings are cached.
+    pub fn cached(&self) -> usize {
+        self.cache.len()
     }
 
     /// The last subject token (the one before EOS) of `prompt`.
@@ -60,6 +116,11 @@ impl<'a> Keys<'a> {
     }
 }
 
+/// The number of positions to encode: `len` (all when `None`), within the padded prompt, at least one.
+fn prefix_len(len: Option<usize>, tokens: &Tokens) -> usize {
+    len.unwrap_or(tokens.ids.len()).min(tokens.ids.len()).max(1)
+}
+
 /// Pairs (concept position → replacement position) for aligning two prompts token by token: the common prefix
 /// maps to itself, the differing spans map proportionally, and the tail after EOS maps by offset from EOS
 /// (clamped to the last position). Used by TIME and `erasepro-text`.
@@ -83,6 +144,14 @@ pub fn align(src: &Tokens, dst: &Tokens) -> Vec<(usize, usize)> {
 
 /// The erase pairs (concept key, guide key) for every concept, replacement and template, as d × n matrices.
 pub fn erase_pairs(keys: &mut Keys, spec: &Spec, d: usize) -> Result<(M, M)> {
+    let prompts: Vec<String> = spec
+        .erase
+        .iter()
+        .flat_map(|item| spec.templates.iter().flat_map(move |t| {
+            [Spec::fill(t, &item.concept), Spec::fill(t, &item.replace_with).trim().to_string()]
+        }))
+        .collect();
+    keys.prefetch(&prompts, spec.token_mode)?;
     let (mut ke, mut kg) = (vec![], vec![]);
     for item in &spec.erase {
         for t in &spec.templates {

@@ -141,18 +141,54 @@ pub fn read_weight(lin: &Linear) -> Result<M> {
 
 /// SHA-256 of a matrix's values rounded to f16: the same for a model stored or computed in f32 or f16.
 pub fn hash_values(v: impl IntoIterator<Item = f32>) -> String {
-    use sha2::Digest;
-    let mut h = sha2::Sha256::new();
-    let mut buf = Vec::with_capacity(8192);
+    let mut h = F16Hasher::default();
+    let mut chunk = Vec::with_capacity(HASH_CHUNK);
     for x in v {
-        buf.extend_from_slice(&half::f16::from_f32(x).to_le_bytes());
-        if buf.len() >= 8192 {
-            h.update(&buf);
-            buf.clear();
+        chunk.push(x);
+        if chunk.len() == HASH_CHUNK {
+            h.update(&chunk);
+            chunk.clear();
         }
     }
-    h.update(&buf);
-    format!("{:x}", h.finalize())
+    h.update(&chunk);
+    h.finish()
+}
+
+/// Values converted to f16 per call of [`F16Hasher::update`] (the conversion is vectorised: F16C where present).
+const HASH_CHUNK: usize = 4096;
+
+/// [`hash_values`] fed slice by slice.
+#[derive(Default)]
+struct F16Hasher {
+    sha: sha2::Sha256,
+    halves: Vec<half::f16>,
+    bytes: Vec<u8>,
+}
+
+impl F16Hasher {
+    fn update(&mut self, values: &[f32]) {
+        use half::slice::HalfFloatSliceExt;
+        use sha2::Digest;
+        for part in values.chunks(HASH_CHUNK) {
+            self.halves.resize(part.len(), half::f16::ZERO);
+            self.halves.convert_from_f32_slice(part);
+            self.bytes.clear();
+            self.bytes.extend(self.halves.iter().flat_map(|x| x.to_le_bytes()));
+            self.sha.update(&self.bytes);
+        }
+    }
+
+    fn finish(self) -> String {
+        use sha2::Digest;
+        format!("{:x}", self.sha.finalize())
+    }
+}
+
+/// [`hash_values`] of a slice.
+pub fn hash_slice(values: &[f32]) -> String {
+    let mut h = F16Hasher::default();
+    h.update(values);
+    h.finish()
 }
 
 pub fn hash_matrix(w: &M) -> String {
@@ -170,17 +206,26 @@ pub fn text_encoder_hash(sd: &StableDiffusion) -> String {
 pub fn text_encoder_hash_of(te: &crate::clip::CLIPTextModel) -> String {
     use burn::store::ModuleSnapshot;
     let tensors = te.collect(None, None, true);
-    let mut all = Vec::new();
-    for t in &tensors {
-        let Ok(data) = burn::store::bridge::to_data(t) else { continue };
+    let hash_one = |t: &burn::store::burn_pack::Tensor| -> Option<(String, String)> {
+        let data = burn::store::bridge::to_data(t).ok()?;
         if matches!(data.dtype(), burn::tensor::DType::QFloat(_)) {
             // Quantized: the stored values and scales identify it.
             use sha2::Digest;
-            all.push((t.name.clone(), format!("{:x}", sha2::Sha256::digest(data.as_bytes()))));
-        } else if let Ok(v) = data.convert::<f32>().try_to_vec::<f32>() {
-            all.push((t.name.clone(), hash_values(v)));
+            Some((t.name.clone(), format!("{:x}", sha2::Sha256::digest(data.as_bytes()))))
+        } else if let Ok(v) = data.as_slice::<f32>() {
+            Some((t.name.clone(), hash_slice(v)))
+        } else {
+            data.convert::<f32>().try_to_vec::<f32>().ok().map(|v| (t.name.clone(), hash_slice(&v)))
         }
-    }
+    };
+    // Each tensor is hashed on its own, so the work splits across threads (the token embedding alone is a third).
+    let (first, second) = tensors.split_at(tensors.len() / 2);
+    let mut all: Vec<(String, String)> = std::thread::scope(|s| {
+        let other = s.spawn(|| second.iter().filter_map(hash_one).collect::<Vec<_>>());
+        let mut v: Vec<_> = first.iter().filter_map(hash_one).collect();
+        v.extend(other.join().unwrap_or_default());
+        v
+    });
     all.sort();
     hash_values(all.iter().flat_map(|(n, h)| n.bytes().chain(h.bytes()).map(|b| b as f32)))
 }
@@ -236,5 +281,25 @@ mod tests {
                              x: x.subcols(0, 2).to_owned() };
         let c = narrow.clone().compact();
         assert_eq!((c.r, c.x), (narrow.r, narrow.x));
+    }
+
+    #[test]
+    fn chunked_f16_hash_equals_the_value_by_value_definition() {
+        // The definition erasure files were written with: each value rounded to f16 (from_f32), little-endian.
+        fn reference(v: &[f32]) -> String {
+            use sha2::Digest;
+            let mut h = sha2::Sha256::new();
+            for x in v {
+                h.update(half::f16::from_f32(*x).to_le_bytes());
+            }
+            format!("{:x}", h.finalize())
+        }
+        // Ties, subnormals, overflow to ±inf, signed zeros, and more than one chunk.
+        let mut v: Vec<f32> = vec![0.0, -0.0, 1.0 + 2f32.powi(-11), 1.0 + 3.0 * 2f32.powi(-11), 6.0e-8, 3.0e-5,
+                                   65504.0, 65520.0, -1.0e9, f32::MIN_POSITIVE];
+        v.extend((0..10_000).map(|i| ((i as f32) * 0.7311).sin() * 1.0e3 / (1 + i % 97) as f32));
+        assert_eq!(hash_slice(&v), reference(&v));
+        assert_eq!(hash_values(v.iter().copied()), reference(&v));
+        assert_eq!(hash_slice(&[]), reference(&[]));
     }
 }

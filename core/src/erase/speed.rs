@@ -5,10 +5,10 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 
 use super::context::{UnetEdit, fit_pin};
+use super::gram::{last_token_keys, preserve_prompts};
 use super::linalg::{self, M, from_columns, hcat, identity};
 use super::matrices::{Component, Delta};
 use super::ridge::ridge_factor;
-use super::spec::Spec;
 use crate::error::Result;
 
 /// SPEED's null-space edit for each matrix: ΔW = R·Xᵀ with R = W(C* − C₁)/n and X from the ridge system
@@ -18,18 +18,22 @@ pub fn speed(cx: &mut UnetEdit) -> Result<Vec<Delta>> {
     let (c1, cs, d) = (&cx.ke, &cx.kg, cx.d);
     let n = c1.ncols() as f64;
     let s_tt = (c1 * c1.transpose()) * (1.0 / n);
-    let diff = (cs - c1) * (1.0 / n);
-    // Retain keys: last subject tokens of preserve prompts that do not mention an erased concept (IPF, step 1).
+    // IPF's influence of a key k on layer W is ‖E k‖ with E = W·P, P = (C* − C₁)C₁ᵀ(I + C₁C₁ᵀ/n)⁻¹/n: P is shared
+    // by every layer.
+    let p = (cs - c1) * (1.0 / n) * c1.transpose() * linalg::lu_inverse(&(identity(d) + &s_tt));
+    // Retain keys: last subject tokens of preserve prompts that do not mention an erased concept (IPF, step 1),
+    // from the same cached key matrix as the preservation Gram (not encoded again).
     let words: Vec<String> = spec.erase.iter().map(|e| e.concept.to_lowercase()).collect();
-    let mut retain = vec![];
-    for p in &spec.preserve {
-        if words.iter().any(|w| p.to_lowercase().contains(w)) {
-            continue;
-        }
-        for t in &spec.templates {
-            retain.push(cx.keys.last_token(&Spec::fill(t, p))?);
-        }
-    }
+    let all = last_token_keys(&mut cx.keys, &preserve_prompts(spec), &cx.te_hash, d)?;
+    let nt = spec.templates.len();
+    let retain_cols: Vec<usize> = spec
+        .preserve
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| !words.iter().any(|w| p.to_lowercase().contains(w)))
+        .flat_map(|(i, _)| i * nt..(i + 1) * nt)
+        .collect();
+    let retain = M::from_fn(d, retain_cols.len(), |i, j| all[(i, retain_cols[j])]);
     // IEC: [SOT] of "" and 3 k-means centroids of its tokens 1..76; with pin_unconditional, all 77 null-text keys.
     let iec = match &cx.pin {
         Some(u) => u.clone(),
@@ -43,37 +47,32 @@ pub fn speed(cx: &mut UnetEdit) -> Result<Vec<Delta>> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let mut out = vec![];
     for (name, w) in cx.names.iter().zip(&cx.w0) {
-        let e = w * &diff * c1.transpose() * linalg::lu_inverse(&(identity(d) + &s_tt));
-        let norm_e = |k: &Vec<f64>| {
-            let kv = from_columns(d, std::slice::from_ref(k));
-            linalg::frob(&(&e * kv))
-        };
-        let above_mean = |ks: Vec<Vec<f64>>| -> Vec<Vec<f64>> {
-            if ks.is_empty() {
+        let e = w * &p;
+        // The columns of `ks` whose influence ‖E k‖ is above their mean.
+        let above_mean = |ks: M| -> M {
+            if ks.ncols() == 0 {
                 return ks;
             }
-            let norms: Vec<f64> = ks.iter().map(norm_e).collect();
+            let ek = &e * &ks;
+            let norms: Vec<f64> = (0..ks.ncols()).map(|j| ek.col(j).norm_l2()).collect();
             let mean = norms.iter().sum::<f64>() / norms.len() as f64;
-            ks.into_iter().zip(norms).filter(|(_, n)| *n > mean).map(|(k, _)| k).collect()
+            let keep: Vec<usize> = (0..ks.ncols()).filter(|&j| norms[j] > mean).collect();
+            M::from_fn(d, keep.len(), |i, j| ks[(i, keep[j])])
         };
         let mut kept = if spec.filter { above_mean(retain.clone()) } else { retain.clone() };
         // DPA: perturb kept keys along W's smallest right-singular direction, keep the influential ones.
-        if spec.augment > 0 && !kept.is_empty() {
+        if spec.augment > 0 && kept.ncols() > 0 {
             let (_, vecs) = linalg::sym_eigen(&(w.transpose() * w), "WᵀW")?;
-            let vmin: Vec<f64> = vecs.col(0).iter().copied().collect();
-            let mut aug = vec![];
-            for k in &kept {
-                for _ in 0..spec.augment {
-                    let eps: f64 = StandardNormal.sample(&mut rng);
-                    aug.push(k.iter().zip(&vmin).map(|(a, b)| a + eps * b).collect());
-                }
+            let mut eps: Vec<f64> = Vec::with_capacity(kept.ncols() * spec.augment);
+            for _ in 0..kept.ncols() * spec.augment {
+                eps.push(StandardNormal.sample(&mut rng));
             }
-            kept.extend(above_mean(aug));
+            let aug = M::from_fn(d, eps.len(), |i, j| kept[(i, j / spec.augment)] + eps[j] * vecs[(i, 0)]);
+            kept = hcat(&kept, &above_mean(aug));
         }
         let mut pinned = iec.clone();
-        if !kept.is_empty() {
-            let k = from_columns(d, &kept);
-            let sigma0 = (&k * k.transpose()) * (1.0 / kept.len() as f64);
+        if kept.ncols() > 0 {
+            let sigma0 = (&kept * kept.transpose()) * (1.0 / kept.ncols() as f64);
             let (vals, vecs) = linalg::sym_eigen(&sigma0, "retain covariance")?;
             let big: Vec<usize> = (0..d).filter(|&i| vals[i] >= spec.null_threshold).collect();
             let u = M::from_fn(d, big.len(), |i, j| vecs[(i, big[j])]);
