@@ -85,15 +85,26 @@ fn uce_satisfies_its_normal_equations_for_ten_concepts() {
     let mut sd = load("tiny");
     let names = cross_attention_names(&sd.unet, &s.targets);
     let before = weights(&mut sd, &names);
+    // The keys as the engine encodes them (batched: equal to one-prompt encoding to f32 rounding, which the
+    // 1e-9 check below would see); the prompts are the spec's, in the engine's order.
     let fill = |items: &[&str], t: &[String]| -> Vec<String> {
         items.iter().flat_map(|c| t.iter().map(move |t| Spec::fill(t, c))).collect()
     };
     let erase_prompts = fill(&concepts, &s.templates);
+    let preserve_prompts = fill(&["Monet", "Rembrandt"], &s.templates);
+    assert_eq!(preserve_prompts, unsee::erase::gram::preserve_prompts(&s));
+    let d = sd.text_config.hidden_size;
+    let mut keys = Keys::new(&sd);
+    let (ke, kg) = unsee::erase::keys::erase_pairs(&mut keys, &s, d).unwrap();
+    assert_eq!(ke.ncols(), erase_prompts.len());
+    keys.prefetch(&preserve_prompts, unsee::erase::spec::TokenMode::Last).unwrap();
+    let kp = from_columns(d, &preserve_prompts.iter().map(|p| keys.last_token(p).unwrap()).collect::<Vec<_>>());
+    // And they are the prompts' keys (one-prompt encoding, to f32 rounding).
     let guide_prompts: Vec<String> = s.templates.iter().cycle().take(erase_prompts.len())
         .map(|t| Spec::fill(t, "art").trim().to_string()).collect();
-    let ke = last_keys(&sd, &erase_prompts);
-    let kg = last_keys(&sd, &guide_prompts);
-    let kp = last_keys(&sd, &fill(&["Monet", "Rembrandt"], &s.templates));
+    for (got, prompts) in [(&ke, &erase_prompts), (&kg, &guide_prompts), (&kp, &preserve_prompts)] {
+        assert!(rel(got, &last_keys(&sd, prompts)) < 1e-6);
+    }
     let edit = erase(&mut sd, &s).unwrap();
     let on_device = weights(&mut sd, &names);
     // The normal equations are checked on the f64 solution; the device weights equal it to f32 rounding.
@@ -356,3 +367,4 @@ fn embedding_attack_recovers_base_keys_and_context_generation_matches() {
     let err = adversarial_context(&base, &base, prompt, EMBEDDING_ATTACK_LAMBDA).unwrap_err();
     assert!(err.to_string().contains("needs a UNet edit"), "{err}");
 }
+

@@ -142,8 +142,10 @@ fn bad_lora_files_are_refused_with_the_tensor_named() {
     std::fs::write(dir.join("garbage.safetensors"), b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}").unwrap();
     assert!(matches!(load_with(vec![LoraSpec { path: dir.join("garbage.safetensors"), scale: 1.0 }]),
                      Err(Error::CorruptWeights { .. })));
-    assert!(matches!(load_with(vec![LoraSpec { path: dir.join("missing.safetensors"), scale: 1.0 }]),
-                     Err(Error::ModelNotFound(_))));
+    match load_with(vec![LoraSpec { path: dir.join("missing.safetensors"), scale: 1.0 }]) {
+        Err(e @ Error::InvalidLora { .. }) => assert!(e.to_string().contains("no such file"), "{e}"),
+        other => panic!("missing: expected InvalidLora, got {:?}", other.map(|_| ())),
+    }
     assert!(matches!(load_with(vec![LoraSpec { path: lora_file("kohya"), scale: f64::NAN }]),
                      Err(Error::InvalidRequest(_))));
     let _ = std::fs::remove_dir_all(&dir);
