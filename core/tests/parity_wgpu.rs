@@ -98,3 +98,26 @@ fn a_small_binding_limit_keeps_the_table_on_the_cpu() {
         other => panic!("expected DeviceUnavailable, got {:?}", other.map(|_| ())),
     }
 }
+
+#[test]
+fn batched_keys_on_wgpu_equal_one_prompt_encoding() {
+    // On a GPU the batches are padded to a multiple of 8 positions and a power-of-two number of rows (copies of the
+    // last prompt): the keys must still be each prompt's own.
+    if !gpu_available() {
+        return;
+    }
+    use unsee::erase::keys::Keys;
+    use unsee::erase::spec::TokenMode;
+    let sd = cpu::load("tiny", DeviceChoice::Gpu);
+    let prompts: Vec<String> = ["cat", "a red circle", "van gogh's starry night over the river", "", "x y z"]
+        .iter().map(|s| s.to_string()).collect();
+    let mut batched = Keys::new(&sd);
+    batched.prefetch(&prompts, TokenMode::Last).unwrap();
+    assert_eq!(batched.cached(), prompts.len());
+    let mut single = Keys::new(&sd);
+    for p in &prompts {
+        let (a, b) = (batched.last_token(p).unwrap(), single.last_token(p).unwrap());
+        let (a, b): (Vec<f32>, Vec<f32>) = (a.iter().map(|&x| x as f32).collect(), b.iter().map(|&x| x as f32).collect());
+        assert_close(&format!("key of {p:?}"), &a, &b, 1e-5);
+    }
+}

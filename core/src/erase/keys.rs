@@ -59,6 +59,9 @@ impl<'a> Keys<'a> {
         }
         todo.sort_by_key(|t| t.1);
         let d = self.sd.text_encoder.hidden_size();
+        // A GPU compiles kernels for every new shape: there the padded length is rounded up to a multiple of 8 and
+        // the batch to a power of two (filled with copies of its last row), so a few shapes serve every prompt set.
+        let bucket = self.sd.device.is_gpu;
         let mut start = 0;
         while start < todo.len() {
             // Ascending lengths: the batch's padded length is its last prompt's.
@@ -67,14 +70,18 @@ impl<'a> Keys<'a> {
                 end += 1;
             }
             let batch = &todo[start..end];
-            let l = batch[batch.len() - 1].1;
-            let mut ids = Vec::with_capacity(batch.len() * l);
-            for (_, _, t) in batch {
+            let full = batch[0].2.ids.len();
+            let (l, rows) = match bucket {
+                true => (batch[batch.len() - 1].1.next_multiple_of(8).min(full), batch.len().next_power_of_two()),
+                false => (batch[batch.len() - 1].1, batch.len()),
+            };
+            let mut ids = Vec::with_capacity(rows * l);
+            for r in 0..rows {
+                let t = &batch[r.min(batch.len() - 1)].2;
                 let row = t.ids.get(..l).ok_or_else(|| Error::Internal("prompts of unequal padded length".into()))?;
                 ids.extend(row.iter().map(|&i| i as i64));
             }
-            let ids = Tensor::<1, Int>::from_data(TensorData::new(ids, [batch.len() * l]), self.sd.dev())
-                .reshape([batch.len(), l]);
+            let ids = Tensor::<1, Int>::from_data(TensorData::new(ids, [rows * l]), self.sd.dev()).reshape([rows, l]);
             let h = crate::tensor::to_f32_vec(self.sd.text_encoder.forward(ids))?;
             for (b, (prompt, len, tokens)) in batch.iter().enumerate() {
                 let m = M::from_fn(d, *len, |i, j| h[(b * l + j) * d + i] as f64);
