@@ -101,18 +101,15 @@ pub fn last_token_keys(keys: &mut Keys, prompts: &[String], te_hash: &str, d: us
     Ok(k)
 }
 
-/// Σ k kᵀ over the columns of `k`, in chunks.
-fn gram_of_columns(k: &M) -> M {
-    let d = k.nrows();
-    let mut g = zeros(d, d);
+/// G += Σ k kᵀ over the columns of `k`, in chunks.
+fn add_gram(g: &mut M, k: faer::MatRef<'_, f64>) {
     let mut j = 0;
     while j < k.ncols() {
         let n = GRAM_CHUNK.min(k.ncols() - j);
         let c = k.subcols(j, n);
-        g += c * c.transpose();
+        *g += c * c.transpose();
         j += n;
     }
-    g
 }
 
 /// Preservation Gram G = Σ k kᵀ over [`preserve_prompts`] at the method's positions. Returns G and the number of
@@ -125,18 +122,22 @@ pub fn preservation_gram(keys: &mut Keys, spec: &Spec, te_hash: &str, d: usize) 
     if spec.token_mode != TokenMode::Tail {
         // Last-token positions (`all` is TIME's, whose preserve keys are also the last tokens).
         let k = last_token_keys(keys, &prompts, te_hash, d)?;
-        return Ok((gram_of_columns(&k), k.ncols()));
+        let mut g = zeros(d, d);
+        add_gram(&mut g, k.as_ref());
+        return Ok((g, k.ncols()));
     }
     let key = cache_key(te_hash, &format!("{:?}", spec.token_mode), &prompts);
     let what = format!("preservation Gram of {} prompts", prompts.len());
     cached(GRAM, &key, (d, d), &what, || {
+        // Summed prompt by prompt: all their keys at once would be ~70 columns per prompt.
         keys.prefetch(&prompts, TokenMode::Tail)?;
-        let mut cols = vec![];
+        let (mut g, mut count) = (zeros(d, d), 0);
         for p in &prompts {
-            cols.extend(keys.columns(p, TokenMode::Tail)?);
+            let cols = keys.columns(p, TokenMode::Tail)?;
+            add_gram(&mut g, super::linalg::from_columns(d, &cols).as_ref());
+            count += cols.len();
         }
-        let g = gram_of_columns(&super::linalg::from_columns(d, &cols));
-        Ok((g, cols.len()))
+        Ok((g, count))
     })
 }
 
