@@ -7,7 +7,7 @@ use burn::tensor::{Device, Int, Tensor};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::nn::{layer_norm, linear, multi_head_attention};
+use crate::nn::{Forward, layer_norm, linear, multi_head_attention};
 
 fn default_eps() -> f64 {
     1e-5
@@ -87,16 +87,16 @@ impl ClipEncoderLayer {
     pub fn forward_parts(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<3>) {
         let h = self.layer_norm1.forward(x.clone());
         let a = &self.self_attn;
-        let h = multi_head_attention(a.q_proj.forward(h.clone()), a.k_proj.forward(h.clone()), a.v_proj.forward(h),
+        let h = multi_head_attention(a.q_proj.fwd(h.clone()), a.k_proj.fwd(h.clone()), a.v_proj.fwd(h),
                                      a.heads, true);
-        let mid = x + a.out_proj.forward(h);
-        let act = self.mlp.act(self.mlp.fc1.forward(self.layer_norm2.forward(mid.clone())));
+        let mid = x + a.out_proj.fwd(h);
+        let act = self.mlp.act(self.mlp.fc1.fwd(self.layer_norm2.forward(mid.clone())));
         (mid, act)
     }
 
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let (mid, act) = self.forward_parts(x);
-        mid + self.mlp.fc2.forward(act)
+        mid + self.mlp.fc2.fwd(act)
     }
 }
 

@@ -8,6 +8,18 @@
 //! the `[batch, seq, heads·dim]` projections in place (heads are strides, no split or permute copies) and is used
 //! only for f32 tensors on the CPU outside autodiff (attacks and `harden` keep burn's differentiable op; wgpu keeps
 //! its own kernel).
+//!
+//! **Dequantization.** A quantized weight (burn `QFloat`, [`crate::quant`]) is dequantized by flex at every use in
+//! one single-threaded loop that recomputes each value's block index with a division per dimension (`burn-flex`
+//! 0.22.1 `dequantize`): a full-size int8 step took 1.5× the f32 step. [`dequantize`] does the same product
+//! `scale × q` row by row, each row's scales a contiguous slice, on rayon; the modules call it through
+//! [`crate::nn::Forward`] just before the matmul or conv, so the weight still stays quantized in memory.
+//!
+//! **Group norm (+ SiLU).** burn-nn's `GroupNorm` is a chain of tensor ops (reshape, mean, subtract, square, mean,
+//! add, sqrt, divide, then the affine's multiply and add: ~8 passes over the activation, each into a fresh
+//! allocation), and every UNet/VAE resnet follows it with a separate SiLU pass. [`group_norm`] reads each
+//! (batch, group) slice twice (mean, then variance about the mean, both summed in f32 lanes and accumulated in f64)
+//! and writes it once with the affine and, where the model applies one, the SiLU folded in; groups run on rayon.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -75,6 +87,143 @@ pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, scale: 
             }
         });
     Tensor::from_data(TensorData::new(out, [b, sq, c]), &device)
+}
+
+/// The weight `w` in f32 when it is a block-quantized `QFloat` tensor on the CPU (any rank, blocks over any leading
+/// dimensions as long as the trailing dimension's block is 1, which covers every layout [`crate::quant`] loads);
+/// anything else is returned as it is, for burn to handle. Same values as burn's `dequantize` (tested).
+pub fn dequantize<const D: usize>(w: Tensor<D>) -> Tensor<D> {
+    if !ENABLED.load(Ordering::Relaxed) || w.is_autodiff() || w.device() != Device::flex() {
+        return w;
+    }
+    let DType::QFloat(scheme) = w.dtype() else { return w };
+    let Some(block) = scheme.block_size() else { return w };
+    let dims = w.dims();
+    // Block extents aligned to the trailing dimensions (burn drops leading 1s).
+    let mut b = [1usize; D];
+    let bs = block.as_slice();
+    if bs.len() > D {
+        return w;
+    }
+    for (i, &v) in bs.iter().enumerate() {
+        b[D - bs.len() + i] = v as usize;
+    }
+    // The row: the trailing dimensions whose block is 1 (their scales are as contiguous as their values).
+    let split = (0..D).rev().take_while(|&i| b[i] == 1).last().unwrap_or(D);
+    if split == 0 || split == D || (0..split).any(|i| b[i] == 0 || dims[i] % b[i] != 0) {
+        return w;
+    }
+    let row: usize = dims[split..].iter().product();
+    let device = w.device();
+    let data = w.into_data();
+    let shape = data.shape().clone();
+    let q = burn::tensor::quantization::QuantizedBytes { bytes: data.into_bytes(), scheme, shape };
+    let (values, scales) = q.into_vec_i8();
+    let (scales, global) = (scales.block, scales.global.unwrap_or(1.0));
+    let grid: Vec<usize> = (0..split).map(|i| dims[i] / b[i]).collect();
+    let mut out = vec![0f32; values.len()];
+    const ROWS_PER_TASK: usize = 64;
+    out.par_chunks_mut(row * ROWS_PER_TASK).enumerate().for_each(|(task, o)| {
+        for (k, o) in o.chunks_exact_mut(row).enumerate() {
+            let r = task * ROWS_PER_TASK + k;
+            // The row's block coordinates → its row of scales.
+            let (mut rest, mut g, mut stride) = (r, 0, 1);
+            for i in (0..split).rev() {
+                g += (rest % dims[i]) / b[i] * stride;
+                stride *= grid[i];
+                rest /= dims[i];
+            }
+            let s = &scales[g * row..(g + 1) * row];
+            let v = &values[r * row..(r + 1) * row];
+            for ((o, &q), &s) in o.iter_mut().zip(v).zip(s) {
+                *o = global * s * q as f32;
+            }
+        }
+    });
+    Tensor::from_data(TensorData::new(out, dims), &device)
+}
+
+/// Whether [`group_norm`] handles `x`: f32 on the CPU outside autodiff.
+pub fn takes_norm(x: &Tensor<4>) -> bool {
+    ENABLED.load(Ordering::Relaxed) && x.dtype() == DType::F32 && !x.is_autodiff() && x.device() == Device::flex()
+}
+
+/// `GroupNorm` over `[batch, channels, h, w]` (biased variance, `eps` inside the square root, as torch and burn),
+/// then `y · γ + β` per channel and, when `silu`, `y · sigmoid(y)`. The caller checks [`takes_norm`] and that
+/// `groups` divides the channels and `gamma`/`beta` (if any) have one value per channel.
+pub fn group_norm(x: Tensor<4>, groups: usize, gamma: Option<Vec<f32>>, beta: Option<Vec<f32>>, eps: f64,
+                  silu: bool) -> Tensor<4> {
+    let device = x.device();
+    let dims = x.dims();
+    let [_, c, h, w] = dims;
+    let mut v = x.into_data().try_into_vec::<f32>().expect("f32 checked by `takes_norm`");
+    let (cg, hw) = (c / groups, h * w);
+    if cg * hw > 0 {
+        v.par_chunks_mut(cg * hw).enumerate().for_each(|(i, chunk)| {
+            let n = chunk.len() as f64;
+            let mean = sum_f64(chunk, |x| x) / n;
+            let m = mean as f32;
+            let var = sum_f64(chunk, |x| (x - m) * (x - m)) / n;
+            let rstd = 1.0 / (var + eps).sqrt();
+            let group = i % groups;
+            for (k, ch) in chunk.chunks_exact_mut(hw).enumerate() {
+                let cc = group * cg + k;
+                let g = gamma.as_ref().map_or(1.0, |g| g[cc] as f64);
+                let b = beta.as_ref().map_or(0.0, |b| b[cc]);
+                affine(ch, m, (g * rstd) as f32, b, silu);
+            }
+        });
+    }
+    Tensor::from_data(TensorData::new(v, dims), &device)
+}
+
+/// `Σ f(x)` over a slice: f32 sums of 8 lanes over blocks of 1,024 values (vectorised), the blocks added in f64.
+fn sum_f64(xs: &[f32], f: impl Fn(f32) -> f32 + Copy) -> f64 {
+    xs.chunks(1024).map(|block| {
+        let mut acc = [0f32; 8];
+        let chunks = block.chunks_exact(8);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for j in 0..8 {
+                acc[j] += f(c[j]);
+            }
+        }
+        acc.iter().map(|a| *a as f64).sum::<f64>() + tail.iter().map(|x| f(*x) as f64).sum::<f64>()
+    }).sum()
+}
+
+/// `x ← (x − m)·a + b` (centred first: `a` is up to 1/√ε), then `x ← x · sigmoid(x)` when `silu`, vectorised like
+/// [`softmax_row`].
+fn affine(xs: &mut [f32], m: f32, a: f32, b: f32, silu: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the features were just detected.
+        return unsafe { affine_avx2(xs, m, a, b, silu) };
+    }
+    affine_portable(xs, m, a, b, silu)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn affine_avx2(xs: &mut [f32], m: f32, a: f32, b: f32, silu: bool) {
+    affine_portable(xs, m, a, b, silu)
+}
+
+#[inline(always)]
+fn affine_portable(xs: &mut [f32], m: f32, a: f32, b: f32, silu: bool) {
+    if silu {
+        for x in xs.iter_mut() {
+            let y = (*x - m) * a + b;
+            // sigmoid(y) from e^{-|y|} ∈ (0, 1], so [`exp`] only sees arguments ≤ 0.
+            let e = exp(-y.abs());
+            let s = 1.0 / (1.0 + e);
+            *x = y * if y >= 0.0 { s } else { e * s };
+        }
+    } else {
+        for x in xs.iter_mut() {
+            *x = (*x - m) * a + b;
+        }
+    }
 }
 
 /// In-place softmax of one row, with [`exp`] vectorised by the compiler (AVX2+FMA when the CPU has them).
@@ -173,6 +322,68 @@ mod tests {
         assert_eq!(exp(-100.0), 0.0);
         assert_eq!(exp(f32::NEG_INFINITY), 0.0);
         assert!(exp(f32::NAN).is_nan());
+    }
+
+    /// Against burn's own dequantization, for the two layouts [`crate::quant`] loads (a `Linear`'s `[in, out]`
+    /// weight with blocks `[32, 1]`, a conv's `[out, in, kh, kw]` with `[1, 32, 1, 1]`) and int8/int4 values.
+    #[test]
+    fn dequantize_matches_burns() {
+        use burn::tensor::quantization::{QuantScheme, QuantStore, QuantValue, ScaleDtype};
+        let dev = Device::flex();
+        for value in [QuantValue::Q8S, QuantValue::Q4S] {
+            let scheme = QuantScheme::default().with_value(value).with_store(QuantStore::Native);
+            let qmax = if value == QuantValue::Q8S { 127 } else { 7 };
+            let q = |n: usize| {
+                (0..n).map(|i| (((i * 37 + 11) % (2 * qmax + 1)) as i32 - qmax as i32) as i8).collect::<Vec<_>>()
+            };
+            let s = |n: usize| (0..n).map(|i| 0.01 + (i % 13) as f32 * 0.003).collect::<Vec<f32>>();
+            let lin = Tensor::<2>::from_data(
+                TensorData::quantized(q(96 * 40), [96, 40], scheme.per_block([32, 1], ScaleDtype::F32), &s(3 * 40),
+                                      None), &dev);
+            let conv = Tensor::<4>::from_data(
+                TensorData::quantized(q(5 * 64 * 9), [5, 64, 3, 3], scheme.per_block([1, 32, 1, 1], ScaleDtype::F32),
+                                      &s(5 * 2 * 9), None), &dev);
+            let got = crate::tensor::to_f32_vec(dequantize(lin.clone())).unwrap();
+            assert_eq!(got, crate::tensor::to_f32_vec(lin.dequantize()).unwrap());
+            assert!(got.iter().any(|v| *v != 0.0));
+            let got = crate::tensor::to_f32_vec(dequantize(conv.clone())).unwrap();
+            assert_eq!(got, crate::tensor::to_f32_vec(conv.dequantize()).unwrap());
+        }
+        // Not quantized: returned unchanged.
+        let f = Tensor::<2>::from_data(TensorData::new(vec![1f32, 2.0, 3.0, 4.0], [2, 2]), &dev);
+        assert_eq!(crate::tensor::to_f32_vec(dequantize(f)).unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
+    }
+
+    /// Against burn-nn's `GroupNorm` (+ burn's `silu`): several group sizes, affine or not, values far from 0
+    /// (the mean matters), both signs through the SiLU.
+    #[test]
+    fn group_norm_matches_burns() {
+        use burn::nn::GroupNormConfig;
+        let dev = Device::flex();
+        for (b, c, h, w, groups, affine) in [(2, 64, 9, 7, 32, true), (1, 12, 5, 5, 3, false), (1, 8, 1, 1, 8, true)] {
+            let n = b * c * h * w;
+            let x = Tensor::<4>::from_data(
+                TensorData::new((0..n).map(|i| 3.0 + (i as f32 * 0.37).sin() * 2.5).collect::<Vec<_>>(), [b, c, h, w]),
+                &dev);
+            let mut gn = GroupNormConfig::new(groups, c).with_epsilon(1e-6).with_affine(affine).init(&dev);
+            if affine {
+                let v = |f: f32| Tensor::<1>::from_data(
+                    TensorData::new((0..c).map(|i| (i as f32 * f).cos()).collect::<Vec<_>>(), [c]), &dev);
+                gn.gamma = Some(burn::module::Param::from_tensor(v(0.7)));
+                gn.beta = Some(burn::module::Param::from_tensor(v(1.3)));
+            }
+            let vec = |t: &Option<burn::module::Param<Tensor<1>>>| {
+                t.as_ref().map(|p| crate::tensor::to_f32_vec(p.val()).unwrap())
+            };
+            assert!(takes_norm(&x));
+            for silu in [false, true] {
+                let want = gn.forward(x.clone());
+                let want = if silu { burn::tensor::activation::silu(want) } else { want };
+                let got = group_norm(x.clone(), groups, vec(&gn.gamma), vec(&gn.beta), 1e-6, silu);
+                let diff = (got - want).abs().max().into_scalar::<f32>();
+                assert!(diff < 2e-5, "{b} {c} {h} {w} {groups} {affine} {silu}: max difference {diff}");
+            }
+        }
     }
 
     /// Against burn's own attention on the same inputs: self- and cross-attention, several heads, a sequence

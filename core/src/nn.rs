@@ -10,6 +10,57 @@ use burn::tensor::module::{attention, interpolate};
 use burn::tensor::ops::{AttentionModuleOptions, InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, Tensor};
 
+/// `forward` of a `Linear` or `Conv2d` whose weight may be quantized: a quantized weight is dequantized by
+/// [`crate::kernels::dequantize`] for this one call (burn's own path is single-threaded, see there) and dropped
+/// after it; other weights go to burn's `forward` unchanged.
+pub trait Forward<T> {
+    fn fwd(&self, x: T) -> T;
+}
+
+fn is_quantized<const D: usize>(w: &Tensor<D>) -> bool {
+    matches!(w.dtype(), burn::tensor::DType::QFloat(_))
+}
+
+impl<const D: usize> Forward<Tensor<D>> for Linear {
+    fn fwd(&self, x: Tensor<D>) -> Tensor<D> {
+        let w = self.weight.val();
+        if !is_quantized(&w) {
+            return self.forward(x);
+        }
+        burn::tensor::module::linear(x, crate::kernels::dequantize(w), self.bias.as_ref().map(|b| b.val()))
+    }
+}
+
+impl Forward<Tensor<4>> for Conv2d {
+    fn fwd(&self, x: Tensor<4>) -> Tensor<4> {
+        let w = self.weight.val();
+        if !is_quantized(&w) {
+            return self.forward(x);
+        }
+        let mut c = self.clone();
+        c.weight = burn::module::Param::from_tensor(crate::kernels::dequantize(w));
+        c.forward(x)
+    }
+}
+
+/// `GroupNorm` over `[b, c, h, w]`, then SiLU when `silu_after` (the order every resnet and `conv_norm_out` uses):
+/// unsee's CPU kernel ([`crate::kernels::group_norm`]) for f32 on the CPU outside autodiff, burn's ops otherwise.
+pub fn norm(gn: &GroupNorm, x: Tensor<4>, silu_after: bool) -> Tensor<4> {
+    let c = x.dims()[1];
+    if crate::kernels::takes_norm(&x) && gn.num_groups > 0 && c == gn.num_channels && c % gn.num_groups == 0 {
+        let vec = |p: &Option<burn::module::Param<Tensor<1>>>| {
+            p.as_ref().and_then(|p| crate::tensor::to_f32_vec(p.val()).ok())
+        };
+        let (gamma, beta) = if gn.affine { (vec(&gn.gamma), vec(&gn.beta)) } else { (None, None) };
+        let fits = |v: &Option<Vec<f32>>| v.as_ref().map_or(!gn.affine, |v| v.len() == c);
+        if fits(&gamma) && fits(&beta) {
+            return crate::kernels::group_norm(x, gn.num_groups, gamma, beta, gn.epsilon, silu_after);
+        }
+    }
+    let y = gn.forward(x);
+    if silu_after { silu(y) } else { y }
+}
+
 pub fn linear(d_in: usize, d_out: usize, bias: bool, device: &Device) -> Linear {
     LinearConfig::new(d_in, d_out).with_bias(bias).init(device)
 }
@@ -79,10 +130,10 @@ impl Attention {
     /// `x`: `[b, s, c]`; `context`: `[b, s_ctx, c_ctx]` for cross-attention, `None` for self-attention.
     pub fn forward(&self, x: Tensor<3>, context: Option<Tensor<3>>) -> Tensor<3> {
         let context = context.unwrap_or_else(|| x.clone());
-        let q = self.to_q.forward(x);
-        let k = self.to_k.forward(context.clone());
-        let v = self.to_v.forward(context);
-        self.to_out[0].forward(multi_head_attention(q, k, v, self.heads, false))
+        let q = self.to_q.fwd(x);
+        let k = self.to_k.fwd(context.clone());
+        let v = self.to_v.fwd(context);
+        self.to_out[0].fwd(multi_head_attention(q, k, v, self.heads, false))
     }
 
     /// The VAE's spatial self-attention over `[b, c, h, w]`, with its group norm and residual.
@@ -90,7 +141,7 @@ impl Attention {
         let [b, c, h, w] = x.dims();
         let residual = x.clone();
         let x = match &self.group_norm {
-            Some(n) => n.forward(x),
+            Some(n) => norm(n, x, false),
             None => x,
         };
         let x = x.reshape([b, c, h * w]).swap_dims(1, 2);
@@ -123,18 +174,18 @@ impl ResnetBlock2D {
     }
 
     pub fn forward(&self, x: Tensor<4>, temb: Option<&Tensor<2>>) -> Tensor<4> {
-        let h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
+        let h = self.conv1.fwd(norm(&self.norm1, x.clone(), true));
         let h = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(t)) => {
-                let t = proj.forward(silu(t.clone()));
+                let t = proj.fwd(silu(t.clone()));
                 let [b, c] = t.dims();
                 h + t.reshape([b, c, 1, 1])
             }
             _ => h,
         };
-        let h = self.conv2.forward(silu(self.norm2.forward(h)));
+        let h = self.conv2.fwd(norm(&self.norm2, h, true));
         let shortcut = match &self.conv_shortcut {
-            Some(conv) => conv.forward(x),
+            Some(conv) => conv.fwd(x),
             None => x,
         };
         shortcut + h
@@ -155,7 +206,7 @@ impl Downsample2D {
     }
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let x = if self.asymmetric_pad { x.pad([(0, 1), (0, 1)], burn::tensor::ops::PadMode::Constant(0.0)) } else { x };
-        self.conv.forward(x)
+        self.conv.fwd(x)
     }
 }
 
@@ -173,7 +224,7 @@ impl Upsample2D {
         let [_, _, h, w] = x.dims();
         let mut opts = InterpolateOptions::new(InterpolateMode::Nearest);
         opts.output_size = Some(size.unwrap_or([h * 2, w * 2]));
-        self.conv.forward(interpolate(x, opts))
+        self.conv.fwd(interpolate(x, opts))
     }
 }
 
@@ -185,7 +236,7 @@ pub struct GEGLU {
 
 impl GEGLU {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let h = self.proj.forward(x);
+        let h = self.proj.fwd(x);
         let d = h.dims()[2] / 2;
         let hidden = h.clone().narrow(2, 0, d);
         let gate = h.narrow(2, d, d);
@@ -209,7 +260,7 @@ impl FeedForward {
         }
     }
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.net.2.forward(self.net.0.forward(x))
+        self.net.2.fwd(self.net.0.forward(x))
     }
 }
 
@@ -283,19 +334,19 @@ impl Transformer2DModel {
     pub fn forward(&self, x: Tensor<4>, context: &Tensor<3>) -> Tensor<4> {
         let [b, c, h, w] = x.dims();
         let residual = x.clone();
-        let x = self.norm.forward(x);
+        let x = norm(&self.norm, x, false);
         let to_seq = |x: Tensor<4>| x.reshape([b, c, h * w]).swap_dims(1, 2);
         let mut x = match &self.proj_in {
-            Projection::Conv(conv) => to_seq(conv.forward(x)),
-            Projection::Linear(lin) => lin.forward(to_seq(x)),
+            Projection::Conv(conv) => to_seq(conv.fwd(x)),
+            Projection::Linear(lin) => lin.fwd(to_seq(x)),
         };
         for block in &self.transformer_blocks {
             x = block.forward(x, context);
         }
         let to_img = |x: Tensor<3>| x.swap_dims(1, 2).reshape([b, c, h, w]);
         let x = match &self.proj_out {
-            Projection::Conv(conv) => conv.forward(to_img(x)),
-            Projection::Linear(lin) => to_img(lin.forward(x)),
+            Projection::Conv(conv) => conv.fwd(to_img(x)),
+            Projection::Linear(lin) => to_img(lin.fwd(x)),
         };
         x + residual
     }

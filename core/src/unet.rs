@@ -8,7 +8,7 @@ use burn::tensor::{Device, Tensor};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::nn::{Downsample2D, ResnetBlock2D, Transformer2DModel, Upsample2D, conv2d, group_norm, linear};
+use crate::nn::{Forward, Downsample2D, ResnetBlock2D, Transformer2DModel, Upsample2D, conv2d, group_norm, linear};
 
 /// A value that is either one number for every block or one per block (diffusers accepts both).
 #[derive(Debug, Clone, Deserialize)]
@@ -373,9 +373,9 @@ impl UNet2DConditionModel {
         let device = sample.device();
         let c0 = self.conv_in.weight.dims()[0];
         let t = self.timestep_features(timestep, b, c0, &device).cast(sample.dtype());
-        let temb = self.time_embedding.linear_2.forward(silu(self.time_embedding.linear_1.forward(t)));
+        let temb = self.time_embedding.linear_2.fwd(silu(self.time_embedding.linear_1.fwd(t)));
 
-        let mut x = self.conv_in.forward(sample);
+        let mut x = self.conv_in.fwd(sample);
         if !visit("conv_in", &x) {
             return (x, false);
         }
@@ -424,7 +424,7 @@ impl UNet2DConditionModel {
                 return (x, false);
             }
         }
-        let out = self.conv_out.forward(silu(self.conv_norm_out.forward(x)));
+        let out = self.conv_out.fwd(crate::nn::norm(&self.conv_norm_out, x, true));
         let done = visit("conv_out", &out);
         (out, done)
     }

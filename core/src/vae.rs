@@ -3,12 +3,11 @@
 use burn::module::Module;
 use burn::nn::GroupNorm;
 use burn::nn::conv::Conv2d;
-use burn::tensor::activation::silu;
 use burn::tensor::{Device, Tensor};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::nn::{Attention, Downsample2D, ResnetBlock2D, Upsample2D, conv2d, group_norm};
+use crate::nn::{Forward, Attention, Downsample2D, ResnetBlock2D, Upsample2D, conv2d, group_norm};
 
 fn default_scaling() -> f64 {
     0.18215
@@ -215,7 +214,7 @@ impl AutoencoderKL {
     /// Image `[b, 3, H, W]` in [-1, 1] → posterior `(mean, logvar)`, each `[b, latent, H/8, W/8]` (unscaled).
     pub fn encode(&self, image: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
         let e = &self.encoder;
-        let mut x = e.conv_in.forward(image);
+        let mut x = e.conv_in.fwd(image);
         for block in &e.down_blocks {
             for r in &block.resnets {
                 x = r.forward(x, None);
@@ -225,9 +224,9 @@ impl AutoencoderKL {
             }
         }
         x = e.mid_block.forward(x);
-        x = e.conv_out.forward(silu(e.conv_norm_out.forward(x)));
+        x = e.conv_out.fwd(crate::nn::norm(&e.conv_norm_out, x, true));
         if let Some(q) = &self.quant_conv {
-            x = q.forward(x);
+            x = q.fwd(x);
         }
         let lat = x.dims()[1] / 2;
         let mean = x.clone().narrow(1, 0, lat);
@@ -239,10 +238,10 @@ impl AutoencoderKL {
     pub fn decode(&self, latents: Tensor<4>) -> Tensor<4> {
         let d = &self.decoder;
         let mut x = match &self.post_quant_conv {
-            Some(p) => p.forward(latents),
+            Some(p) => p.fwd(latents),
             None => latents,
         };
-        x = d.conv_in.forward(x);
+        x = d.conv_in.fwd(x);
         x = d.mid_block.forward(x);
         for block in &d.up_blocks {
             for r in &block.resnets {
@@ -252,6 +251,6 @@ impl AutoencoderKL {
                 x = u.forward(x, None);
             }
         }
-        d.conv_out.forward(silu(d.conv_norm_out.forward(x)))
+        d.conv_out.fwd(crate::nn::norm(&d.conv_norm_out, x, true))
     }
 }
