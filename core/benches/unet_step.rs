@@ -15,7 +15,8 @@
 //! decode; default 2 steps) against a diffusers `StableDiffusionPipeline` built from the same folder: its time is
 //! the whole run and its peak RSS the pipeline's. `UNSEE_BENCH_ONLY` keeps the models whose name contains it;
 //! `UNSEE_BENCH_PARTS` is a comma list of `unet`, `vae`, `generate`, and `unet-burn`/`vae-burn` (burn flex's own
-//! attention instead of unsee's CPU kernel, [`unsee::kernels`]; no PyTorch column) (default: `unet,vae`).
+//! attention and group norm instead of unsee's CPU kernels, [`unsee::kernels`]; no PyTorch column) (default:
+//! `unet,vae`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -57,7 +58,7 @@ fn child(model: &Path, part: &str, size: usize, steps: usize) {
     if part == "generate" {
         return generate(model, size);
     }
-    // `unet-burn`/`vae-burn`: the same with burn flex's own attention instead of unsee's kernel (`unsee::kernels`).
+    // `unet-burn`/`vae-burn`: the same with burn flex's own ops instead of unsee's kernels (`unsee::kernels`).
     let part = match part.strip_suffix("-burn") {
         Some(p) => {
             unsee::kernels::set_enabled(false);
