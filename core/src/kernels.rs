@@ -20,6 +20,12 @@
 //! allocation), and every UNet/VAE resnet follows it with a separate SiLU pass. [`group_norm`] reads each
 //! (batch, group) slice twice (mean, then variance about the mean, both summed in f32 lanes and accumulated in f64)
 //! and writes it once with the affine and, where the model applies one, the SiLU folded in; groups run on rayon.
+//!
+//! **Convolution.** flex's k×k convolution converts the whole input to NHWC on one thread, builds im2col tiles,
+//! multiplies them into a scratch buffer and then scatters every result value to its NCHW place one at a time
+//! (a strided scalar store: ~a third of a small VAE decode at 512² by `perf`). [`conv2d`] builds each tile's
+//! columns in NCHW order (row copies, no layout change), and lets `gemm` write the product straight into the NCHW
+//! output (its row stride is the output plane), tiles in parallel.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -143,20 +149,138 @@ pub fn dequantize<const D: usize>(w: Tensor<D>) -> Tensor<D> {
     Tensor::from_data(TensorData::new(out, dims), &device)
 }
 
-/// Whether [`group_norm`] handles `x`: f32 on the CPU outside autodiff.
-pub fn takes_norm(x: &Tensor<4>) -> bool {
+/// Nearest-neighbour upsampling by exactly 2 (every `Upsample2D` of the UNet and VAE) of `[b, c, h, w]`: each
+/// value written twice into its output row, the row then copied below it; planes on rayon. burn flex's
+/// `interpolate` gathers every output value through an index map (a scalar loop, ~a third of a small VAE decode
+/// at 512² by `perf`). Same values (tested). The caller checks [`takes_image`].
+pub fn upsample_nearest_2x(x: Tensor<4>) -> Tensor<4> {
+    let device = x.device();
+    let [b, c, h, w] = x.dims();
+    let v = x.into_data().try_into_vec::<f32>().expect("f32 checked by `takes_image`");
+    let (oh, ow) = (2 * h, 2 * w);
+    let mut out = vec![0f32; b * c * oh * ow];
+    if h * w > 0 {
+        out.par_chunks_mut(oh * ow).zip(v.par_chunks(h * w)).for_each(|(o, i)| {
+            for (y, row) in i.chunks_exact(w).enumerate() {
+                let (top, bottom) = o[2 * y * ow..(2 * y + 2) * ow].split_at_mut(ow);
+                for (pair, &value) in top.chunks_exact_mut(2).zip(row) {
+                    pair[0] = value;
+                    pair[1] = value;
+                }
+                bottom.copy_from_slice(top);
+            }
+        });
+    }
+    Tensor::from_data(TensorData::new(out, [b, c, oh, ow]), &device)
+}
+
+/// A raw pointer shared by tasks that write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: every task writes only its own output positions (see [`conv2d`]).
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+/// `conv2d` (groups 1, dilation 1) of `x: [b, c_in, h, w]` by `weight: [c_out, c_in, kh, kw]` (PyTorch layout) with
+/// `stride` and padding `[[top, bottom], [left, right]]`, plus `bias`. Per tile of whole output rows: the columns
+/// `[c_in·kh·kw, positions]` (row copies for stride 1, zeros in the padding), one `gemm` into the output with the
+/// plane as its row stride, then the bias. The caller checks [`takes_image`] for both tensors, the shapes, and that
+/// the padded input covers the kernel.
+pub fn conv2d(x: Tensor<4>, weight: Tensor<4>, bias: Option<Vec<f32>>, stride: [usize; 2], pad: [[usize; 2]; 2])
+    -> Tensor<4> {
+    let device = x.device();
+    let [b, ci, h, w] = x.dims();
+    let [co, _, kh, kw] = weight.dims();
+    let ([pt, pb], [pl, pr]) = (pad[0], pad[1]);
+    let [sh, sw] = stride;
+    let (oh, ow) = ((h + pt + pb - kh) / sh + 1, (w + pl + pr - kw) / sw + 1);
+    let vec = |t: Tensor<4>| t.into_data().try_into_vec::<f32>().expect("f32 checked by `takes_image`");
+    let (xv, wv) = (vec(x), vec(weight));
+    let (k, plane) = (ci * kh * kw, oh * ow);
+    let mut out = vec![0f32; b * co * plane];
+    let rows = (256 / ow).max(1);
+    let tiles = oh.div_ceil(rows);
+    let tasks = b * tiles;
+    // Few tiles (small latents): one tile at a time with gemm's own threads; else tiles in parallel.
+    let inner = if tasks < 2 * rayon::current_num_threads() {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    let dst = SharedMut(out.as_mut_ptr());
+    let task = |t: usize| {
+        let dst = dst;
+        let (bi, tile) = (t / tiles, t % tiles);
+        let (y0, y1) = (tile * rows, ((tile + 1) * rows).min(oh));
+        let n = (y1 - y0) * ow;
+        let mut col = vec![0f32; k * n];
+        let xb = &xv[bi * ci * h * w..(bi + 1) * ci * h * w];
+        for c in 0..ci {
+            for ki in 0..kh {
+                for kj in 0..kw {
+                    let r = &mut col[((c * kh + ki) * kw + kj) * n..][..n];
+                    for (dy, oy) in (y0..y1).enumerate() {
+                        let iy = (oy * sh + ki) as isize - pt as isize;
+                        if iy < 0 || iy >= h as isize {
+                            continue;
+                        }
+                        let src = &xb[(c * h + iy as usize) * w..][..w];
+                        let dst_row = &mut r[dy * ow..(dy + 1) * ow];
+                        if sw == 1 {
+                            // ix = ox + kj − pl inside [0, w)
+                            let lo = pl.saturating_sub(kj).min(ow);
+                            let hi = (w + pl).saturating_sub(kj).min(ow).max(lo);
+                            dst_row[lo..hi].copy_from_slice(&src[lo + kj - pl..hi + kj - pl]);
+                        } else {
+                            for (ox, d) in dst_row.iter_mut().enumerate() {
+                                let ix = (ox * sw + kj) as isize - pl as isize;
+                                if ix >= 0 && ix < w as isize {
+                                    *d = src[ix as usize];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // SAFETY: this task writes columns y0·ow .. y1·ow of the `co` rows of its batch's output block (rows of
+        // `plane` values), which no other task writes; `wv` is co × k and `col` is k × n, both row-major.
+        unsafe {
+            let d = dst.0.add(bi * co * plane + y0 * ow);
+            gemm::gemm(co, n, k, d, 1, plane as isize, false, wv.as_ptr(), 1, k as isize, col.as_ptr(), 1,
+                       n as isize, 0.0, 1.0, false, false, false, inner);
+            if let Some(bias) = &bias {
+                for (c, &bc) in bias.iter().enumerate() {
+                    for v in std::slice::from_raw_parts_mut(d.add(c * plane), n) {
+                        *v += bc;
+                    }
+                }
+            }
+        }
+    };
+    if matches!(inner, gemm::Parallelism::None) {
+        (0..tasks).into_par_iter().for_each(task);
+    } else {
+        (0..tasks).for_each(task);
+    }
+    Tensor::from_data(TensorData::new(out, [b, co, oh, ow]), &device)
+}
+
+/// Whether the `[b, c, h, w]` kernels ([`group_norm`], [`upsample_nearest_2x`]) handle `x`: f32 on the CPU outside
+/// autodiff.
+pub fn takes_image(x: &Tensor<4>) -> bool {
     ENABLED.load(Ordering::Relaxed) && x.dtype() == DType::F32 && !x.is_autodiff() && x.device() == Device::flex()
 }
 
 /// `GroupNorm` over `[batch, channels, h, w]` (biased variance, `eps` inside the square root, as torch and burn),
-/// then `y · γ + β` per channel and, when `silu`, `y · sigmoid(y)`. The caller checks [`takes_norm`] and that
+/// then `y · γ + β` per channel and, when `silu`, `y · sigmoid(y)`. The caller checks [`takes_image`] and that
 /// `groups` divides the channels and `gamma`/`beta` (if any) have one value per channel.
 pub fn group_norm(x: Tensor<4>, groups: usize, gamma: Option<Vec<f32>>, beta: Option<Vec<f32>>, eps: f64,
                   silu: bool) -> Tensor<4> {
     let device = x.device();
     let dims = x.dims();
     let [_, c, h, w] = dims;
-    let mut v = x.into_data().try_into_vec::<f32>().expect("f32 checked by `takes_norm`");
+    let mut v = x.into_data().try_into_vec::<f32>().expect("f32 checked by `takes_image`");
     let (cg, hw) = (c / groups, h * w);
     if cg * hw > 0 {
         v.par_chunks_mut(cg * hw).enumerate().for_each(|(i, chunk)| {
@@ -375,7 +499,7 @@ mod tests {
             let vec = |t: &Option<burn::module::Param<Tensor<1>>>| {
                 t.as_ref().map(|p| crate::tensor::to_f32_vec(p.val()).unwrap())
             };
-            assert!(takes_norm(&x));
+            assert!(takes_image(&x));
             for silu in [false, true] {
                 let want = gn.forward(x.clone());
                 let want = if silu { burn::tensor::activation::silu(want) } else { want };
@@ -383,6 +507,53 @@ mod tests {
                 let diff = (got - want).abs().max().into_scalar::<f32>();
                 assert!(diff < 2e-5, "{b} {c} {h} {w} {groups} {affine} {silu}: max difference {diff}");
             }
+        }
+    }
+
+    #[test]
+    fn upsample_matches_burns_nearest() {
+        use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
+        let dev = Device::flex();
+        for [b, c, h, w] in [[2, 3, 5, 7], [1, 1, 1, 1], [1, 4, 8, 3]] {
+            let n = b * c * h * w;
+            let x = Tensor::<4>::from_data(
+                TensorData::new((0..n).map(|i| (i as f32 * 0.31).sin()).collect::<Vec<_>>(), [b, c, h, w]), &dev);
+            let mut opts = InterpolateOptions::new(InterpolateMode::Nearest);
+            opts.output_size = Some([2 * h, 2 * w]);
+            let want = crate::tensor::to_f32_vec(burn::tensor::module::interpolate(x.clone(), opts)).unwrap();
+            let got = upsample_nearest_2x(x);
+            assert_eq!(got.dims(), [b, c, 2 * h, 2 * w]);
+            assert_eq!(crate::tensor::to_f32_vec(got).unwrap(), want);
+        }
+    }
+
+    /// Against burn's `conv2d`: 3×3 with padding 1 (the resnets), stride 2 with asymmetric padding (diffusers'
+    /// `Downsample2D` pads (0, 1, 0, 1)), a wide input (several tiles per row set), bias or not, batch 2.
+    #[test]
+    fn conv2d_matches_burns() {
+        use burn::tensor::ops::ConvOptions;
+        let dev = Device::flex();
+        let t = |shape: [usize; 4], f: f32| {
+            let n = shape.iter().product::<usize>();
+            Tensor::<4>::from_data(TensorData::new((0..n).map(|i| (i as f32 * f).sin()).collect::<Vec<_>>(), shape),
+                                   &dev)
+        };
+        for (x, co, k, stride, pad, bias) in [
+            ([2, 5, 9, 11], 7, 3, [1, 1], [[1, 1], [1, 1]], true),
+            ([1, 4, 8, 8], 6, 3, [2, 2], [[0, 1], [0, 1]], true),
+            ([1, 3, 3, 300], 4, 3, [1, 1], [[1, 1], [1, 1]], false),
+            ([1, 2, 6, 5], 3, 2, [1, 1], [[0, 0], [0, 0]], true),
+        ] {
+            let xt = t(x, 0.37);
+            let wt = t([co, x[1], k, k], 0.71);
+            let bt = bias.then(|| t([1, 1, 1, co], 0.13).reshape([co]));
+            let opts = ConvOptions::new_with_padding(stride, [(pad[0][0], pad[0][1]), (pad[1][0], pad[1][1])],
+                                                     [1, 1], 1);
+            let want = burn::tensor::module::conv2d(xt.clone(), wt.clone(), bt.clone(), opts);
+            let got = conv2d(xt, wt, bt.map(|b| crate::tensor::to_f32_vec(b).unwrap()), stride, pad);
+            assert_eq!(got.dims(), want.dims(), "{x:?} {stride:?} {pad:?}");
+            let diff = (got - want).abs().max().into_scalar::<f32>();
+            assert!(diff < 1e-4, "{x:?} {stride:?} {pad:?}: max difference {diff}");
         }
     }
 

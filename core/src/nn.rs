@@ -32,14 +32,46 @@ impl<const D: usize> Forward<Tensor<D>> for Linear {
 }
 
 impl Forward<Tensor<4>> for Conv2d {
+    /// k×k convolutions (k > 1) on the CPU go to [`crate::kernels::conv2d`]; 1×1 ones to burn (flex multiplies
+    /// those in place already).
     fn fwd(&self, x: Tensor<4>) -> Tensor<4> {
         let w = self.weight.val();
-        if !is_quantized(&w) {
+        let quantized = is_quantized(&w);
+        let w = if quantized { crate::kernels::dequantize(w) } else { w };
+        if let Some(pad) = self.own_kernel(&x, &w) {
+            let bias = self.bias.as_ref().map(|b| crate::tensor::to_f32_vec(b.val()));
+            match bias {
+                Some(Err(_)) => {}
+                bias => return crate::kernels::conv2d(x, w, bias.map(|b| b.unwrap_or_default()), self.stride, pad),
+            }
+        }
+        if !quantized {
             return self.forward(x);
         }
         let mut c = self.clone();
-        c.weight = burn::module::Param::from_tensor(crate::kernels::dequantize(w));
+        c.weight = burn::module::Param::from_tensor(w);
         c.forward(x)
+    }
+}
+
+trait OwnKernel {
+    /// The padding `[[top, bottom], [left, right]]` when [`crate::kernels::conv2d`] takes this convolution.
+    fn own_kernel(&self, x: &Tensor<4>, w: &Tensor<4>) -> Option<[[usize; 2]; 2]>;
+}
+
+impl OwnKernel for Conv2d {
+    fn own_kernel(&self, x: &Tensor<4>, w: &Tensor<4>) -> Option<[[usize; 2]; 2]> {
+        let [_, ci, h, wd] = x.dims();
+        let [_, wci, kh, kw] = w.dims();
+        // Every conv unsee builds has explicit padding ([`conv2d`]); `Same` goes to burn.
+        let (t, l, b, r) = match self.padding {
+            PaddingConfig2d::Explicit(t, l, b, r) => (t, l, b, r),
+            PaddingConfig2d::Valid => (0, 0, 0, 0),
+            PaddingConfig2d::Same => return None,
+        };
+        (kh * kw > 1 && self.groups == 1 && self.dilation == [1, 1] && wci == ci && h + t + b >= kh
+            && wd + l + r >= kw && crate::kernels::takes_image(x) && crate::kernels::takes_image(w))
+            .then_some([[t, b], [l, r]])
     }
 }
 
@@ -47,7 +79,7 @@ impl Forward<Tensor<4>> for Conv2d {
 /// unsee's CPU kernel ([`crate::kernels::group_norm`]) for f32 on the CPU outside autodiff, burn's ops otherwise.
 pub fn norm(gn: &GroupNorm, x: Tensor<4>, silu_after: bool) -> Tensor<4> {
     let c = x.dims()[1];
-    if crate::kernels::takes_norm(&x) && gn.num_groups > 0 && c == gn.num_channels && c % gn.num_groups == 0 {
+    if crate::kernels::takes_image(&x) && gn.num_groups > 0 && c == gn.num_channels && c % gn.num_groups == 0 {
         let vec = |p: &Option<burn::module::Param<Tensor<1>>>| {
             p.as_ref().and_then(|p| crate::tensor::to_f32_vec(p.val()).ok())
         };
@@ -222,8 +254,12 @@ impl Upsample2D {
     }
     pub fn forward(&self, x: Tensor<4>, size: Option<[usize; 2]>) -> Tensor<4> {
         let [_, _, h, w] = x.dims();
+        let size = size.unwrap_or([h * 2, w * 2]);
+        if size == [h * 2, w * 2] && crate::kernels::takes_image(&x) {
+            return self.conv.fwd(crate::kernels::upsample_nearest_2x(x));
+        }
         let mut opts = InterpolateOptions::new(InterpolateMode::Nearest);
-        opts.output_size = Some(size.unwrap_or([h * 2, w * 2]));
+        opts.output_size = Some(size);
         self.conv.fwd(interpolate(x, opts))
     }
 }
