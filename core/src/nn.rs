@@ -69,8 +69,13 @@ impl OwnKernel for Conv2d {
             PaddingConfig2d::Valid => (0, 0, 0, 0),
             PaddingConfig2d::Same => return None,
         };
-        (kh * kw > 1 && self.groups == 1 && self.dilation == [1, 1] && wci == ci && h + t + b >= kh
-            && wd + l + r >= kw && crate::kernels::takes_image(x) && crate::kernels::takes_image(w))
+        // Only on planes of ≥ 64×64 outputs (every VAE decoder level at 512², the UNet's top level): on the
+        // full-size UNet at 256² (planes 32² and below, 320–1,280 channels) flex's own path measured faster
+        // (README *Benchmark*).
+        let oh = (h + t + b).saturating_sub(kh) / self.stride[0].max(1) + 1;
+        let ow = (wd + l + r).saturating_sub(kw) / self.stride[1].max(1) + 1;
+        (kh * kw > 1 && oh * ow >= 64 * 64 && self.groups == 1 && self.dilation == [1, 1] && wci == ci
+            && h + t + b >= kh && wd + l + r >= kw && crate::kernels::takes_image(x) && crate::kernels::takes_image(w))
             .then_some([[t, b], [l, r]])
     }
 }
