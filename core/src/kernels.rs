@@ -25,7 +25,8 @@
 //! multiplies them into a scratch buffer and then scatters every result value to its NCHW place one at a time
 //! (a strided scalar store: ~a third of a small VAE decode at 512² by `perf`). [`conv2d`] builds each tile's
 //! columns in NCHW order (row copies, no layout change), and lets `gemm` write the product straight into the NCHW
-//! output (its row stride is the output plane), tiles in parallel.
+//! output (its row stride is the output plane), tiles in parallel. [`crate::nn::Forward`] uses it for output planes
+//! of ≥ 64×64 only: below that (the full-size UNet's deep levels) flex's own path measured faster.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -151,8 +152,8 @@ pub fn dequantize<const D: usize>(w: Tensor<D>) -> Tensor<D> {
 
 /// Nearest-neighbour upsampling by exactly 2 (every `Upsample2D` of the UNet and VAE) of `[b, c, h, w]`: each
 /// value written twice into its output row, the row then copied below it; planes on rayon. burn flex's
-/// `interpolate` gathers every output value through an index map (a scalar loop, ~a third of a small VAE decode
-/// at 512² by `perf`). Same values (tested). The caller checks [`takes_image`].
+/// `interpolate` gathers every output value through an index map in a scalar loop. Same values (tested). The
+/// caller checks [`takes_image`].
 pub fn upsample_nearest_2x(x: Tensor<4>) -> Tensor<4> {
     let device = x.device();
     let [b, c, h, w] = x.dims();

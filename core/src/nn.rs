@@ -38,7 +38,7 @@ impl Forward<Tensor<4>> for Conv2d {
         let w = self.weight.val();
         let quantized = is_quantized(&w);
         let w = if quantized { crate::kernels::dequantize(w) } else { w };
-        if let Some(pad) = self.own_kernel(&x, &w) {
+        if let Some(pad) = own_conv(self, &x, &w) {
             let bias = self.bias.as_ref().map(|b| crate::tensor::to_f32_vec(b.val()));
             match bias {
                 Some(Err(_)) => {}
@@ -54,30 +54,25 @@ impl Forward<Tensor<4>> for Conv2d {
     }
 }
 
-trait OwnKernel {
-    /// The padding `[[top, bottom], [left, right]]` when [`crate::kernels::conv2d`] takes this convolution.
-    fn own_kernel(&self, x: &Tensor<4>, w: &Tensor<4>) -> Option<[[usize; 2]; 2]>;
-}
-
-impl OwnKernel for Conv2d {
-    fn own_kernel(&self, x: &Tensor<4>, w: &Tensor<4>) -> Option<[[usize; 2]; 2]> {
-        let [_, ci, h, wd] = x.dims();
-        let [_, wci, kh, kw] = w.dims();
-        // Every conv unsee builds has explicit padding ([`conv2d`]); `Same` goes to burn.
-        let (t, l, b, r) = match self.padding {
-            PaddingConfig2d::Explicit(t, l, b, r) => (t, l, b, r),
-            PaddingConfig2d::Valid => (0, 0, 0, 0),
-            PaddingConfig2d::Same => return None,
-        };
-        // Only on planes of ≥ 64×64 outputs (every VAE decoder level at 512², the UNet's top level): on the
-        // full-size UNet at 256² (planes 32² and below, 320–1,280 channels) flex's own path measured faster
-        // (README *Benchmark*).
-        let oh = (h + t + b).saturating_sub(kh) / self.stride[0].max(1) + 1;
-        let ow = (wd + l + r).saturating_sub(kw) / self.stride[1].max(1) + 1;
-        (kh * kw > 1 && oh * ow >= 64 * 64 && self.groups == 1 && self.dilation == [1, 1] && wci == ci
-            && h + t + b >= kh && wd + l + r >= kw && crate::kernels::takes_image(x) && crate::kernels::takes_image(w))
-            .then_some([[t, b], [l, r]])
-    }
+/// The padding `[[top, bottom], [left, right]]` when [`crate::kernels::conv2d`] takes this convolution.
+fn own_conv(conv: &Conv2d, x: &Tensor<4>, w: &Tensor<4>) -> Option<[[usize; 2]; 2]> {
+    let [_, ci, h, wd] = x.dims();
+    let [_, wci, kh, kw] = w.dims();
+    // Every conv unsee builds has explicit padding ([`conv2d`]); `Same` goes to burn.
+    let (t, l, b, r) = match conv.padding {
+        PaddingConfig2d::Explicit(t, l, b, r) => (t, l, b, r),
+        PaddingConfig2d::Valid => (0, 0, 0, 0),
+        PaddingConfig2d::Same => return None,
+    };
+    // Only on planes of ≥ 64×64 outputs (every VAE decoder level at 512², the UNet's top level): on the
+    // full-size UNet at 256² (planes 32² and below, 320–1,280 channels) flex's own path measured faster
+    // (README *Benchmark*).
+    let oh = (h + t + b).saturating_sub(kh) / conv.stride[0].max(1) + 1;
+    let ow = (wd + l + r).saturating_sub(kw) / conv.stride[1].max(1) + 1;
+    let fits = kh * kw > 1 && oh * ow >= 64 * 64 && h + t + b >= kh && wd + l + r >= kw;
+    (fits && conv.groups == 1 && conv.dilation == [1, 1] && wci == ci && crate::kernels::takes_image(x)
+        && crate::kernels::takes_image(w))
+        .then_some([[t, b], [l, r]])
 }
 
 /// `GroupNorm` over `[b, c, h, w]`, then SiLU when `silu_after` (the order every resnet and `conv_norm_out` uses):
