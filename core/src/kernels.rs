@@ -129,10 +129,12 @@ pub fn dequantize<const D: usize>(w: Tensor<D>) -> Tensor<D> {
     let (scales, global) = (scales.block, scales.global.unwrap_or(1.0));
     let grid: Vec<usize> = (0..split).map(|i| dims[i] / b[i]).collect();
     let mut out = vec![0f32; values.len()];
-    const ROWS_PER_TASK: usize = 64;
-    out.par_chunks_mut(row * ROWS_PER_TASK).enumerate().for_each(|(task, o)| {
+    // ~16 K values per task: a conv's row is only kh·kw values, so a fixed row count made ~1.5 M tiny tasks per
+    // full-size UNet pass.
+    let rows_per_task = (16_384 / row).max(1);
+    out.par_chunks_mut(row * rows_per_task).enumerate().for_each(|(task, o)| {
         for (k, o) in o.chunks_exact_mut(row).enumerate() {
-            let r = task * ROWS_PER_TASK + k;
+            let r = task * rows_per_task + k;
             // The row's block coordinates → its row of scales.
             let (mut rest, mut g, mut stride) = (r, 0, 1);
             for i in (0..split).rev() {

@@ -10,9 +10,9 @@ use burn::tensor::module::{attention, interpolate};
 use burn::tensor::ops::{AttentionModuleOptions, InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, Tensor};
 
-/// `forward` of a `Linear` or `Conv2d` whose weight may be quantized: a quantized weight is dequantized by
-/// [`crate::kernels::dequantize`] for this one call (burn's own path is single-threaded, see there) and dropped
-/// after it; other weights go to burn's `forward` unchanged.
+/// `forward` of a `Linear` or `Conv2d` on unsee's CPU kernels where they apply: a quantized weight is dequantized
+/// by [`crate::kernels::dequantize`] for this one call (burn's own path is single-threaded, see there) and dropped
+/// after it; large-plane k×k convolutions go to [`crate::kernels::conv2d`]; everything else to burn's `forward`.
 pub trait Forward<T> {
     fn fwd(&self, x: T) -> T;
 }
