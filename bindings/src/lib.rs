@@ -191,6 +191,12 @@ pub struct EngineConfig {
     /// LoRAs merged into the weights at load, in order, before the erasure files (refused in guarded mode).
     #[uniffi(default = [])]
     pub loras: Vec<Lora>,
+    /// Sequential residency: load each network only for its stage of a generation (text encoder, then UNet, then
+    /// VAE), so at most one is in memory at a time; the weights are read (and a bundle's hashed) again at every
+    /// generation. Generation and prompt encoding only; LoRAs, a replacement text encoder and single-file
+    /// checkpoints are refused.
+    #[uniffi(default = false)]
+    pub low_memory: bool,
 }
 
 /// A LoRA file (kohya or diffusers/PEFT safetensors) and the scale it is merged with.
@@ -367,6 +373,8 @@ pub struct EngineInfo {
     pub components: Vec<ComponentInfo>,
     /// Erasures in effect, in the order they were applied.
     pub erasures: Vec<ErasureEntry>,
+    /// Networks are loaded per stage of a generation (`EngineConfig.low_memory`).
+    pub low_memory: bool,
 }
 
 fn stat(s: &unsee::erase::audit::Stat) -> MeanWorst {
@@ -434,6 +442,7 @@ impl Engine {
                     _ => Some(unsee::engine::Guard { trusted_keys: config.trusted_keys,
                                                      required_concepts: config.required_concepts }),
                 },
+                low_memory: config.low_memory,
                 ..defaults
             };
             let engine = unsee::engine::Engine::open(&opts)?;
@@ -546,6 +555,7 @@ impl Engine {
                         },
                     })
                     .collect(),
+                low_memory: info.low_memory,
                 erasures: info
                     .erasures
                     .iter()

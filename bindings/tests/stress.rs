@@ -14,7 +14,7 @@ fn tiny() -> String {
 
 fn config() -> EngineConfig {
     EngineConfig { model_path: Some(tiny()), text_encoder_path: None, erasure_paths: vec![], device: DeviceKind::Cpu,
-                   precision: Precision::F32, trusted_keys: vec![], required_concepts: vec![], loras: vec![] }
+                   precision: Precision::F32, trusted_keys: vec![], required_concepts: vec![], loras: vec![], low_memory: false }
 }
 
 fn request(seed: i64, steps: i32) -> GenerateRequest {

@@ -29,7 +29,12 @@ mod common;
 use common::{Role, cpu, env, peak_rss_mib, role, run_child, write_random_sd15};
 
 fn engine(model: &Path) -> Engine {
-    Engine::open(&EngineOptions { model: model.to_path_buf(), device: DeviceChoice::Cpu, ..EngineOptions::default() })
+    open(model, false)
+}
+
+fn open(model: &Path, low_memory: bool) -> Engine {
+    Engine::open(&EngineOptions { model: model.to_path_buf(), device: DeviceChoice::Cpu, low_memory,
+                                  ..EngineOptions::default() })
         .unwrap()
 }
 
@@ -95,11 +100,12 @@ fn shapes(tmp: &Path) {
     println!();
 }
 
-/// The child: one generate, then a JSON line on stdout.
-fn child(model: &Path, size: usize, steps: usize, latents_out: &Path) {
+/// The child: one generate, then a JSON line on stdout. A low-memory engine loads its networks inside `generate`
+/// (counted in `load_s`) and the VAE inside the decode (counted in `decode_s`).
+fn child(model: &Path, size: usize, steps: usize, latents_out: &Path, low_memory: bool) {
     let t = Instant::now();
-    let e = engine(model);
-    let load_s = t.elapsed().as_secs_f64();
+    let e = open(model, low_memory);
+    let open_s = t.elapsed().as_secs_f64();
     let rss_loaded = peak_rss_mib();
     let req = GenerateRequest { prompt: "a photograph of an astronaut riding a horse".into(), steps, guidance: 7.5,
                                 seed: 7, width: Some(size), height: Some(size), ..GenerateRequest::default() };
@@ -109,7 +115,7 @@ fn child(model: &Path, size: usize, steps: usize, latents_out: &Path) {
     let (w, h) = e.model().image_size(&req).unwrap();
     let mut rgba = vec![0u8; w * h * 4];
     let t = Instant::now();
-    let decoded = match e.model().decode_rgba_into(g.latents.clone(), &mut rgba) {
+    let decoded = match e.decode_rgba_into(g.latents.clone(), &mut rgba) {
         Ok(_) => true,
         // Random full-size VAE weights can overflow; the denoising numbers stand without the decode.
         Err(unsee::Error::NonFiniteOutput(_)) => false,
@@ -121,7 +127,7 @@ fn child(model: &Path, size: usize, steps: usize, latents_out: &Path) {
     let mut steps_s = g.timings.steps_s.clone();
     steps_s.sort_by(f64::total_cmp);
     println!("{}", serde_json::json!({
-        "load_s": load_s, "step_s": steps_s[steps_s.len() / 2], "encode_s": g.timings.encode_s,
+        "load_s": open_s + g.timings.load_s, "step_s": steps_s[steps_s.len() / 2], "encode_s": g.timings.encode_s,
         "decode_s": decode_s, "decoded": decoded, "rss_loaded_mib": rss_loaded, "rss_denoised_mib": rss_denoised,
         "peak_rss_mib": peak_rss_mib(),
     }));
@@ -140,7 +146,7 @@ fn full_size(tmp: &Path) {
         eprintln!("wrote the random SD-1.5 in {:.0}s", t.elapsed().as_secs_f64());
     }
     let (size, steps) = (env("UNSEE_BUNDLE_SIZE", 512usize), env("UNSEE_BUNDLE_STEPS", 10usize));
-    let mut variants = vec![("f32 folder".to_string(), model.clone(), dir_bytes(&model))];
+    let mut variants = vec![("f32 folder".to_string(), model.clone(), dir_bytes(&model), false)];
     {
         let e = engine(&model);
         for q in QUANTS {
@@ -148,27 +154,32 @@ fn full_size(tmp: &Path) {
             let t = Instant::now();
             let bytes = if unsee::bundle::is_bundle(&out) { dir_bytes(&out) } else { build(&e, q, &out) };
             eprintln!("bundle {}: {:.0}s", q.name(), t.elapsed().as_secs_f64());
-            variants.push((format!("bundle {}", q.name()), out, bytes));
+            variants.push((format!("bundle {}", q.name()), out, bytes, false));
         }
         drop(e);
     }
+    // The same, each network loaded only for its stage (`EngineOptions::low_memory`).
+    let low: Vec<_> = variants.iter().map(|(n, p, b, _)| (format!("{n}, low memory"), p.clone(), *b, true)).collect();
+    variants.extend(low);
     println!("## full-size SD-1.5 (random weights), CPU, {size}², {steps} DDIM steps, guidance 7.5, one process each\n");
     println!("| weights | size MB | size ratio | peak RSS MiB | RSS ratio | peak RSS after load / denoising MiB \
-              | s / CFG step | step ratio | VAE decode s | latent PSNR dB | latent cosine |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+              | s / CFG step | step ratio | VAE decode s | load s | latent PSNR dB | latent cosine |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut reference: Option<(Vec<f32>, f64, f64, u64)> = None;
-    for (name, path, bytes) in variants {
-        let lat = dir.join(format!("{}.latents", name.replace(' ', "-")));
-        let j = match run_child(&[path.to_str().unwrap(), &size.to_string(), &steps.to_string(), lat.to_str().unwrap()]) {
+    for (name, path, bytes, low_memory) in variants {
+        let lat = dir.join(format!("{}.latents", name.replace([' ', ','], "-")));
+        let j = match run_child(&[path.to_str().unwrap(), &size.to_string(), &steps.to_string(), lat.to_str().unwrap(),
+                                  if low_memory { "1" } else { "0" }]) {
             Ok(j) => j,
             Err(status) => {
-                println!("| {name} | {:.0} | | child failed: {status} | | | | | | |", bytes as f64 / 1e6);
+                println!("| {name} | {:.0} | | child failed: {status} | | | | | | | |", bytes as f64 / 1e6);
                 continue;
             }
         };
         let (rss, step, loaded) = (j["peak_rss_mib"].as_f64().unwrap(), j["step_s"].as_f64().unwrap(),
                                    j["rss_loaded_mib"].as_f64().unwrap());
         let (denoised, decode) = (j["rss_denoised_mib"].as_f64().unwrap(), j["decode_s"].as_f64().unwrap());
+        let load = j["load_s"].as_f64().unwrap();
         let v = read_latents(&lat);
         let (psnr, cos) = match &reference {
             None => (f64::INFINITY, 1.0),
@@ -182,7 +193,7 @@ fn full_size(tmp: &Path) {
         };
         let (r_rss, r_step, r_bytes) = reference.as_ref().map_or((rss, step, bytes), |r| (r.1, r.2, r.3));
         println!("| {name}{} | {:.0} | {:.2} | {rss:.0} | {:.2} | {loaded:.0} / {denoised:.0} | {step:.2} | {:.2} \
-                  | {decode:.1} | {} | {cos:.5} |",
+                  | {decode:.1} | {load:.1} | {} | {cos:.5} |",
                  if j["decoded"] == false { " (VAE output overflowed: random weights)" } else { "" },
                  bytes as f64 / 1e6, bytes as f64 / r_bytes as f64, rss / r_rss, step / r_step,
                  if psnr.is_finite() { format!("{psnr:.1}") } else { "–".into() });
@@ -196,7 +207,7 @@ fn main() {
     match role() {
         Role::List => return,
         Role::Child(a) => {
-            child(Path::new(&a[0]), a[1].parse().unwrap(), a[2].parse().unwrap(), Path::new(&a[3]));
+            child(Path::new(&a[0]), a[1].parse().unwrap(), a[2].parse().unwrap(), Path::new(&a[3]), a[4] == "1");
             return;
         }
         Role::Parent => {}

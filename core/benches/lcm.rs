@@ -6,8 +6,13 @@
 //! default a temp folder); the LoRA has LCM-LoRA's shape — rank 64 on every Linear and Conv2d of the UNet's blocks,
 //! kohya names — with random values, so the timings are real and the pictures are not.
 //!
+//! With `UNSEE_BENCH_PYTHON` (a Python with tests/reference/requirements.txt and peft), each run is also timed in
+//! diffusers (`tests/reference/bench_torch.py ... staged`: the same model, scheduler, steps, guidance, size and LoRA,
+//! f32, the same thread count) in the same bench run.
+//!
 //! ```text
-//! cargo bench --profile dev --bench lcm      # UNSEE_LCM_SIZE (512), UNSEE_LCM_DIR
+//! UNSEE_BENCH_PYTHON=tests/reference/.venv/bin/python \
+//!   cargo bench --profile dev --bench lcm    # UNSEE_LCM_SIZE (512), UNSEE_LCM_DIR
 //! ```
 
 mod common;
@@ -81,7 +86,7 @@ fn child(model: &Path, lora: Option<&Path>, scheduler: SchedulerKind, steps: usi
     let mut rgba = vec![0u8; w * h * 4];
     let t = Instant::now();
     // Random full-size VAE weights can overflow; the decode is timed either way.
-    let decoded = e.model().decode_rgba_into(g.latents, &mut rgba).is_ok();
+    let decoded = e.decode_rgba_into(g.latents, &mut rgba).is_ok();
     let decode_s = t.elapsed().as_secs_f64();
     println!("{}", serde_json::json!({"load_s": load_s, "denoise_s": denoise_s, "decode_s": decode_s,
                                       "decoded": decoded, "peak_rss_mib": peak_rss_mib()}));
@@ -112,8 +117,12 @@ fn main() {
     println!("## full generate, full-size SD-1.5 (random weights), CPU f32, {size}², one process each\n");
     println!("LoRA: rank {RANK}, {layers} UNet layers, {:.1} M parameters, {:.0} MB (f16)\n", params as f64 / 1e6,
              std::fs::metadata(&lora).unwrap().len() as f64 / 1e6);
-    println!("| run | load s (LoRA merge incl.) | denoise s | VAE decode s | total s | total vs DDIM-20 | peak RSS MiB |");
-    println!("|---|---|---|---|---|---|---|");
+    let python = std::env::var("UNSEE_BENCH_PYTHON").ok();
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    println!("| run | load s (LoRA merge incl.) | denoise s | VAE decode s | total s | total vs DDIM-20 | peak RSS MiB \
+              | PyTorch load / denoise / decode s | PyTorch total s | speed vs PyTorch | PyTorch peak RSS MiB |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let mut reference = None;
     for (name, with_lora, sched, steps, guidance) in [
         ("DDIM, 20 steps, guidance 7.5, base model", false, "ddim", 20, 7.5),
@@ -133,8 +142,33 @@ fn main() {
         let f = |k: &str| j[k].as_f64().unwrap();
         let total = f("load_s") + f("denoise_s") + f("decode_s");
         let r = *reference.get_or_insert(total);
-        println!("| {name} | {:.1} | {:.1} | {:.1}{} | {total:.1} | {:.2}× | {:.0} |", f("load_s"), f("denoise_s"),
-                 f("decode_s"), if j["decoded"] == false { " (overflowed: random weights)" } else { "" }, total / r,
-                 f("peak_rss_mib"));
+        let torch = python.as_deref().and_then(|py| {
+            let mut cmd = std::process::Command::new(py);
+            cmd.args([repo.join("tests/reference/bench_torch.py").to_str().unwrap(), model.to_str().unwrap(),
+                      &size.to_string(), &steps.to_string(), &threads.to_string(), "staged", sched,
+                      &guidance.to_string()]);
+            if with_lora {
+                cmd.arg(&lora);
+            }
+            let o = cmd.output().ok()?;
+            let v: Option<serde_json::Value> =
+                String::from_utf8_lossy(&o.stdout).lines().rev().find_map(|l| serde_json::from_str(l).ok());
+            if v.is_none() {
+                eprintln!("{name}: PyTorch run failed:\n{}", String::from_utf8_lossy(&o.stderr));
+            }
+            v
+        });
+        let torch_cols = match &torch {
+            Some(t) => {
+                let g = |k: &str| t[k].as_f64().unwrap_or(f64::NAN);
+                let tt = g("load_s") + g("denoise_s") + g("decode_s");
+                format!("{:.1} / {:.1} / {:.1} | {tt:.1} | {:.2}× | {:.0}", g("load_s"), g("denoise_s"), g("decode_s"),
+                        tt / total, g("peak_rss_mib"))
+            }
+            None => "– | – | – | –".into(),
+        };
+        println!("| {name} | {:.1} | {:.1} | {:.1}{} | {total:.1} | {:.2}× | {:.0} | {torch_cols} |", f("load_s"),
+                 f("denoise_s"), f("decode_s"), if j["decoded"] == false { " (overflowed: random weights)" } else { "" },
+                 total / r, f("peak_rss_mib"));
     }
 }

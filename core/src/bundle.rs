@@ -375,9 +375,9 @@ fn write_into(src: &Source, opts: &BuildOptions, dir: &Path, secret: Option<&min
     for (k, component) in ["text_encoder", "unet", "vae"].into_iter().enumerate() {
         progress("quantizing", k, steps);
         let (tensors, counts) = match component {
-            "text_encoder" => crate::quant::quantize_module(&sd.text_encoder, opts.quant)?,
-            "unet" => crate::quant::quantize_module(&sd.unet, opts.quant)?,
-            _ => crate::quant::quantize_module(&sd.vae, opts.quant)?,
+            "text_encoder" => crate::quant::quantize_module(&*sd.text_encoder, opts.quant)?,
+            "unet" => crate::quant::quantize_module(&*sd.unet, opts.quant)?,
+            _ => crate::quant::quantize_module(&*sd.vae, opts.quant)?,
         };
         let stem = if component == "text_encoder" { "model" } else { "diffusion_pytorch_model" };
         let folder = dir.join(component);

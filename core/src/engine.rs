@@ -6,6 +6,7 @@
 //! compare against the base weights and `generate` always uses every erasure, whether it came from a file at load
 //! or from an `erase` call.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -19,7 +20,7 @@ use crate::erase::harden::HardenReport;
 use crate::erase::spec::Spec;
 use crate::erase::{Delta, Edit, apply_delta, file};
 use crate::error::{Error, Result};
-use crate::load::{LoadOptions, StableDiffusion};
+use crate::load::{LoadOptions, Part, Parts, StableDiffusion};
 use crate::pipeline::{Control, GenerateRequest, Generated, Inputs, StepEvent, Target};
 use crate::tokenizer::Tokens;
 use crate::weights::{MappedSafetensors, Precision};
@@ -44,6 +45,16 @@ pub struct EngineOptions {
     pub check: bool,
     /// Guarded mode ([`Guard`]); `None` = unguarded.
     pub guard: Option<Guard>,
+    /// Sequential residency: keep no network in memory between generations and load each one only for its stage
+    /// of a generation (the text encoder to encode the prompt, the UNet to denoise, the VAE to decode), so that at
+    /// most one is resident at a time; peak memory is then the largest network plus its stage's work, at the cost
+    /// of reading (and, for a bundle, hashing) the weights at every generation. Weight files are read at the first
+    /// generation, so a damaged file or a mismatched erasure file is reported then, not by `open` (an erasure
+    /// file's text-encoder identity is checked at open for a bundle). Only generation and prompt encoding are
+    /// offered; single-file checkpoints, LoRAs and replacement text encoders are refused (bake them into a
+    /// bundle). On Linux with glibc it also sets, for the whole process, the size from which allocations are mapped
+    /// on their own to 1 MiB (see `map_large_allocations`), and returns freed heap pages after each stage.
+    pub low_memory: bool,
 }
 
 /// The policy of a guarded engine: it loads only a bundle ([`crate::bundle`]) signed by one of `trusted_keys`,
@@ -71,6 +82,7 @@ impl Default for EngineOptions {
             precision: Precision::F32,
             check: false,
             guard: None,
+            low_memory: false,
         }
     }
 }
@@ -87,6 +99,9 @@ pub struct AppliedErasure {
     pub baked: bool,
     #[serde(skip)]
     deltas: Vec<Delta>,
+    /// The file's own account (a low-memory engine checks and applies it again at every load).
+    #[serde(skip)]
+    info: Option<file::ErasureInfo>,
 }
 
 /// One weight file of the loaded model.
@@ -120,6 +135,8 @@ pub struct EngineInfo {
     /// The bundle's signer (minisign key id) when its signature was checked.
     pub signer: Option<String>,
     pub guarded: bool,
+    /// Networks loaded per stage of a generation ([`EngineOptions::low_memory`]).
+    pub low_memory: bool,
 }
 
 pub struct Engine {
@@ -130,6 +147,8 @@ pub struct Engine {
     hardened_from: Option<(crate::clip::CLIPTextModel, Spec)>,
     /// What the engine was opened with (the attacks reload the model's own text encoder when it was replaced).
     opts: EngineOptions,
+    /// A low-memory engine runs one generation at a time (two would hold two sets of networks).
+    one_at_a_time: std::sync::Mutex<()>,
 }
 
 fn guard_violation(m: impl Into<String>) -> Error {
@@ -180,12 +199,16 @@ impl Engine {
         };
         let device = select(opts.device, opts.precision)?;
         tracing::info!("device: {}", device.description);
+        if opts.low_memory {
+            map_large_allocations();
+        }
         let load = LoadOptions {
             check: opts.check,
             config_dir: opts.config_dir.clone(),
             text_encoder: opts.text_encoder.clone(),
             bundle: bundle.clone(),
             loras: opts.loras.clone(),
+            parts: if opts.low_memory { Parts::NONE } else { Parts::ALL },
         };
         let base = StableDiffusion::load(&opts.model, device, &load)?;
         tracing::info!("loaded {} in {:.2}s", opts.model.display(), base.load_time.as_secs_f64());
@@ -200,6 +223,7 @@ impl Engine {
                     replacements: e.replacements.clone(),
                     baked: true,
                     deltas: vec![],
+                    info: None,
                 });
             }
         }
@@ -210,17 +234,20 @@ impl Engine {
                            info.replacements);
             applied.push(AppliedErasure {
                 source: Some(path.clone()),
-                method: info.method,
-                concepts: info.concepts,
-                replacements: info.replacements,
+                method: info.method.clone(),
+                concepts: info.concepts.clone(),
+                replacements: info.replacements.clone(),
                 baked: false,
                 deltas,
+                info: Some(info),
             });
         }
-        Ok(Self { base, model, applied, hardened_from: None, opts: opts.clone() })
+        Ok(Self { base, model, applied, hardened_from: None, opts: opts.clone(),
+                  one_at_a_time: std::sync::Mutex::new(()) })
     }
 
-    /// The model in use (base + erasures).
+    /// The model in use (base + erasures). A low-memory engine's has its configs, tokenizer and files but no network
+    /// loaded ([`crate::load::Net`]): generate and encode through the engine.
     pub fn model(&self) -> &StableDiffusion {
         &self.model
     }
@@ -236,6 +263,38 @@ impl Engine {
 
     fn refuse_if_guarded(&self, what: &str) -> Result<()> {
         if self.is_guarded() { Err(guard_violation(format!("a guarded engine refuses {what}"))) } else { Ok(()) }
+    }
+
+    /// Whether the engine keeps no network loaded between generations ([`EngineOptions::low_memory`]).
+    pub fn is_low_memory(&self) -> bool {
+        self.opts.low_memory
+    }
+
+    /// Refuses what needs the networks loaded together on a low-memory engine.
+    fn refuse_if_low_memory(&self, what: &str) -> Result<()> {
+        if self.opts.low_memory {
+            return Err(Error::InvalidRequest(format!(
+                "a low-memory engine only generates and encodes prompts: {what} needs the model opened without \
+                 low-memory mode")));
+        }
+        Ok(())
+    }
+
+    /// The model with only `part` loaded (from the same files, a bundle's hashed again as they are read), with the
+    /// erasure files in effect checked and applied to it: one stage of a low-memory engine's generation.
+    fn stage(&self, part: Part) -> Result<StableDiffusion> {
+        release_freed_memory();
+        let load = LoadOptions { check: self.opts.check, config_dir: self.opts.config_dir.clone(), text_encoder: None,
+                                 bundle: self.base.bundle.clone(), loras: vec![], parts: Parts::only(part) };
+        let mut sd = StableDiffusion::load(&self.opts.model, self.base.device.clone(), &load)?;
+        for a in &self.applied {
+            if let (Some(path), Some(info)) = (&a.source, &a.info) {
+                file::apply_checked(&mut sd, path, info, &a.deltas)?;
+            }
+        }
+        // And what loading freed (read buffers, converted chunks).
+        release_freed_memory();
+        Ok(sd)
     }
 
     /// Refuses work that needs the weights an erasure was computed from when they are not at hand: the erasures of
@@ -281,18 +340,39 @@ impl Engine {
         if inputs.noise.is_some() {
             self.refuse_if_guarded("injected sampler noise")?;
         }
+        if self.opts.low_memory {
+            let _one = self.one_at_a_time.lock().unwrap_or_else(|e| e.into_inner());
+            let generated = self.model.generate_staged(req, inputs, on_step, target, &|p| Ok(Cow::Owned(self.stage(p)?)));
+            release_freed_memory();
+            return generated;
+        }
         self.model.generate(req, inputs, on_step, target)
     }
 
     /// The text encoder's `last_hidden_state` `[1, 77, hidden]` for `prompt`, and its tokens.
     pub fn encode_prompt(&self, prompt: &str) -> Result<(Tensor<3>, Tokens)> {
+        if self.opts.low_memory {
+            let _one = self.one_at_a_time.lock().unwrap_or_else(|e| e.into_inner());
+            return self.stage(Part::TextEncoder)?.encode_prompt(prompt);
+        }
         self.model.encode_prompt(prompt)
+    }
+
+    /// VAE decode of latents (e.g. [`Generated::latents`] of a [`Target::Latents`] generation) into an RGBA8 buffer
+    /// of exactly the image's size ([`StableDiffusion::decode_rgba_into`]).
+    pub fn decode_rgba_into(&self, latents: Tensor<4>, out: &mut [u8]) -> Result<(usize, usize)> {
+        if self.opts.low_memory {
+            let _one = self.one_at_a_time.lock().unwrap_or_else(|e| e.into_inner());
+            return self.stage(Part::Vae)?.decode_rgba_into(latents, out);
+        }
+        self.model.decode_rgba_into(latents, out)
     }
 
     /// Computes the edit `spec` describes on the model in use, applies it, and (if `save_to` is given) writes it
     /// as an erasure file. On error nothing is applied.
     pub fn erase(&mut self, spec: &Spec, save_to: Option<&Path>) -> Result<Edit> {
         self.refuse_if_guarded("further erasures (only those baked into its bundle apply)")?;
+        self.refuse_if_low_memory("erasing")?;
         let mut edited = self.model.clone();
         let edit = crate::erase::erase(&mut edited, spec)?;
         if let Some(path) = save_to {
@@ -306,12 +386,14 @@ impl Engine {
             replacements: spec.erase.iter().map(|e| e.replace_with.clone()).collect(),
             baked: false,
             deltas: edit.deltas.clone(),
+            info: None,
         });
         Ok(edit)
     }
 
     /// Writes a complete diffusers folder with every erasure in effect baked into the weights.
     pub fn bake(&self, out: &Path) -> Result<()> {
+        self.refuse_if_low_memory("baking")?;
         if !self.model.loras.is_empty() {
             return Err(Error::InvalidRequest("--bake copies the model's files and rewrites the erased matrices, so it \
                 cannot carry merged LoRAs: build a bundle (`unsee bundle build`, which writes the weights in use) or \
@@ -329,6 +411,7 @@ impl Engine {
     /// (AUTOMATIC1111, ComfyUI): baked into a diffusers folder staged beside `out`, converted, written atomically.
     pub fn bake_single_file(&self, out: &Path) -> Result<()> {
         check_single_file_target(out)?;
+        self.refuse_if_low_memory("exporting a single-file checkpoint")?;
         let name = out.file_name().ok_or_else(|| Error::InvalidRequest(format!("{} names no file", out.display())))?;
         let staging = out.with_file_name(format!(".{}.folder-{}", name.to_string_lossy(), std::process::id()));
         if staging.exists() {
@@ -355,6 +438,7 @@ impl Engine {
     /// Audits, against the base weights, the erasures in effect — or, when there are none, the edit `spec`
     /// describes — on the concepts and preserve set of `spec`. The model in use is not changed.
     pub fn audit(&self, spec: &Spec) -> Result<AuditReport> {
+        self.refuse_if_low_memory("auditing")?;
         self.refuse_if_baked("audit")?;
         let mut sd = self.base.clone();
         crate::erase::audit::audit(&mut sd, spec, |sd| {
@@ -377,6 +461,7 @@ impl Engine {
     pub fn attack(&self, spec: &Spec, opts: &AttackOptions, progress: &mut dyn FnMut(&str, usize, usize),
                   cancelled: &dyn Fn() -> bool) -> Result<AttackReport> {
         self.refuse_if_guarded("attacks (they feed raw conditioning)")?;
+        self.refuse_if_low_memory("attacking")?;
         self.refuse_if_bundle("attack")?;
         self.refuse_if_table_offloaded("attacks")?;
         let replaced = self.opts.text_encoder.is_some();
@@ -389,7 +474,8 @@ impl Engine {
         };
         let reference = if replaced {
             let load = LoadOptions { check: self.opts.check, config_dir: self.opts.config_dir.clone(), text_encoder: None,
-                                     bundle: self.base.bundle.clone(), loras: self.opts.loras.clone() };
+                                     bundle: self.base.bundle.clone(), loras: self.opts.loras.clone(),
+                                     parts: Parts::ALL };
             let own = StableDiffusion::load(&self.opts.model, self.base.device.clone(), &load)?;
             StableDiffusion { text_encoder: own.text_encoder, text_config: own.text_config, ..self.base.clone() }
         } else {
@@ -418,10 +504,12 @@ impl Engine {
     pub fn harden(&mut self, spec: &Spec, progress: &mut dyn FnMut(&str, usize, usize),
                   cancelled: &dyn Fn() -> bool) -> Result<HardenReport> {
         self.refuse_if_guarded("hardening (it replaces the text encoder)")?;
+        self.refuse_if_low_memory("hardening")?;
         self.refuse_if_bundle("harden")?;
         self.refuse_if_table_offloaded("hardening")?;
         let (te, report) = crate::erase::harden::harden(&self.model, spec, progress, cancelled)?;
-        let before = std::mem::replace(&mut self.model.text_encoder, te);
+        let before = (*self.model.text_encoder).clone();
+        self.model.text_encoder = crate::load::Net::new(te);
         self.model.text_encoder_identity = None;
         self.hardened_from = Some((before, spec.clone()));
         Ok(report)
@@ -437,6 +525,7 @@ impl Engine {
 
     /// Writes the text encoder in use as a diffusers `text_encoder` folder (what `--text-encoder` loads).
     pub fn save_text_encoder(&self, out: &Path) -> Result<()> {
+        self.refuse_if_low_memory("exporting the text encoder")?;
         self.refuse_if_bundle("export the text encoder of")?;
         let (_, config) = self.config_paths();
         crate::erase::harden::save_text_encoder(&self.model.text_encoder, &config, out)
@@ -445,10 +534,22 @@ impl Engine {
     /// The model, its files and configs, the device and the erasures in effect.
     pub fn info(&self) -> Result<EngineInfo> {
         let sd = &self.model;
+        // A network that is not loaded (low-memory engine) is counted on an unallocated module of its config
+        // (burn's parameters are lazy: counting them allocates nothing).
+        let dev = sd.dev();
         let parameters = BTreeMap::from([
-            ("text_encoder".to_string(), sd.text_encoder.num_params()),
-            ("unet".to_string(), sd.unet.num_params()),
-            ("vae".to_string(), sd.vae.num_params()),
+            ("text_encoder".to_string(), match sd.text_encoder.get() {
+                Some(m) => m.num_params(),
+                None => crate::clip::CLIPTextModel::new(&sd.text_config, dev)?.num_params(),
+            }),
+            ("unet".to_string(), match sd.unet.get() {
+                Some(m) => m.num_params(),
+                None => crate::unet::UNet2DConditionModel::new(&sd.unet_config, dev)?.num_params(),
+            }),
+            ("vae".to_string(), match sd.vae.get() {
+                Some(m) => m.num_params(),
+                None => crate::vae::AutoencoderKL::new(&sd.vae_config, dev)?.num_params(),
+            }),
         ]);
         let mut files = BTreeMap::new();
         for (c, f) in &sd.files {
@@ -480,6 +581,7 @@ impl Engine {
             bundle: sd.bundle.as_ref().map(|b| b.manifest.clone()),
             signer: sd.bundle.as_ref().and_then(|b| b.signer.clone()),
             guarded: self.is_guarded(),
+            low_memory: self.opts.low_memory,
         })
     }
 
@@ -499,6 +601,7 @@ impl Engine {
     /// — as a bundle ([`crate::bundle`]), quantized and optionally signed.
     pub fn build_bundle(&self, opts: &crate::bundle::BuildOptions, out: &Path,
                         progress: &mut dyn FnMut(&str, usize, usize)) -> Result<crate::bundle::Manifest> {
+        self.refuse_if_low_memory("building a bundle")?;
         if self.model.bundle.is_some() {
             return Err(Error::InvalidRequest("build bundles from a model folder or checkpoint, not from a bundle \
                                               (its weights are already quantized)".into()));
@@ -516,6 +619,31 @@ impl Engine {
         })).collect();
         let src = crate::bundle::Source { sd: &self.model, root, text_encoder_config, text_encoder_source, erasures };
         crate::bundle::build(&src, opts, out, progress)
+    }
+}
+
+/// Hands the memory freed by the stage that just ended back to the system: glibc keeps freed heap pages for reuse
+/// (a network's many mid-sized tensors come from the heap) and the next stage's network is loaded in fresh
+/// allocations beside them. Elsewhere (other allocators: Android's, Apple's) a no-op.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `malloc_trim` only returns free heap pages to the system; it takes no pointer.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// A low-memory engine's allocator setting, for the whole process (glibc only; elsewhere a no-op): allocations of
+/// 1 MiB and more are mapped and unmapped on their own instead of coming from the heap, so the large temporaries of
+/// a denoising step go back to the system when freed. glibc's default raises this threshold up to 32 MiB as large
+/// blocks are freed, and heap pages that fragment are not returned: measured on full-size SD-1.5 (int8 bundle,
+/// 512², one step, `cargo bench --bench bundle`'s child), peak RSS 1576 → 1460 MiB for +3 % step time and +8 % decode
+/// time.
+fn map_large_allocations() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `mallopt` sets an allocator parameter; no pointer is involved.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
     }
 }
 

@@ -152,6 +152,23 @@ pub fn dequantize<const D: usize>(w: Tensor<D>) -> Tensor<D> {
     Tensor::from_data(TensorData::new(out, dims), &device)
 }
 
+/// An f16 weight in f32 on the CPU (a bundle keeps its layer weights in f16, [`crate::quant`]): chunks on rayon
+/// through `half`'s slice conversion (F16C where the CPU has it), where burn flex's `cast` converts one value at a
+/// time on one thread. `None` when it does not apply (not f16, not on flex, autodiff): the caller casts. Same values
+/// as burn's cast (tested; f16 → f32 is exact).
+pub fn widen_f16<const D: usize>(w: &Tensor<D>) -> Option<Tensor<D>> {
+    if !ENABLED.load(Ordering::Relaxed) || w.is_autodiff() || w.device() != Device::flex() || w.dtype() != DType::F16 {
+        return None;
+    }
+    use half::slice::HalfFloatSliceExt;
+    let (dims, device) = (w.dims(), w.device());
+    let data = w.clone().into_data();
+    let v = data.as_slice::<half::f16>().ok()?;
+    let mut out = vec![0f32; v.len()];
+    out.par_chunks_mut(1 << 16).zip(v.par_chunks(1 << 16)).for_each(|(o, i)| i.convert_to_f32_slice(o));
+    Some(Tensor::from_data(TensorData::new(out, dims), &device))
+}
+
 /// Nearest-neighbour upsampling by exactly 2 (every `Upsample2D` of the UNet and VAE) of `[b, c, h, w]`: each
 /// value written twice into its output row, the row then copied below it; planes on rayon. burn flex's
 /// `interpolate` gathers every output value through an index map in a scalar loop. Same values (tested). The
@@ -449,6 +466,23 @@ mod tests {
         assert_eq!(exp(-100.0), 0.0);
         assert_eq!(exp(f32::NEG_INFINITY), 0.0);
         assert!(exp(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn widen_f16_matches_burns_cast() {
+        let dev = Device::flex();
+        let v: Vec<half::f16> = (0..70_001).map(|i| half::f16::from_f32(((i * 7919) % 2001) as f32 * 0.37 - 370.0))
+            .chain([half::f16::MIN_POSITIVE_SUBNORMAL, half::f16::MAX, -half::f16::MAX, half::f16::NEG_ZERO])
+            .collect();
+        let n = v.len();
+        let w = Tensor::<2>::from_data(TensorData::new(v, [n / 5, 5]), &dev).cast(DType::F16);
+        assert_eq!(w.dtype(), DType::F16);
+        let mine = super::widen_f16(&w).expect("an f16 tensor on flex");
+        let burns = w.clone().cast(DType::F32);
+        assert_eq!(mine.dtype(), DType::F32);
+        let (a, b) = (mine.into_data().try_to_vec::<f32>().unwrap(), burns.into_data().try_to_vec::<f32>().unwrap());
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+        assert!(super::widen_f16(&w.cast(DType::F32)).is_none());
     }
 
     /// Against burn's own dequantization, for the two layouts [`crate::quant`] loads (a `Linear`'s `[in, out]`

@@ -35,6 +35,77 @@ pub struct LoadOptions {
     /// LoRA files merged into the UNet and text encoder after everything else is loaded, in order
     /// ([`crate::lora`]).
     pub loras: Vec<crate::lora::LoraSpec>,
+    /// Which networks to load (default: all three). A low-memory engine ([`crate::engine::EngineOptions::low_memory`])
+    /// loads none at open and one per stage of a generation. Loading only some refuses single-file checkpoints,
+    /// LoRAs and replacement text encoders (they need the networks loaded together).
+    pub parts: Parts,
+}
+
+/// One of the three networks of a [`StableDiffusion`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    TextEncoder,
+    Unet,
+    Vae,
+}
+
+/// A set of [`Part`]s ([`LoadOptions::parts`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parts {
+    pub text_encoder: bool,
+    pub unet: bool,
+    pub vae: bool,
+}
+
+impl Default for Parts {
+    fn default() -> Self {
+        Self::ALL
+    }
+}
+
+impl Parts {
+    pub const ALL: Parts = Parts { text_encoder: true, unet: true, vae: true };
+    pub const NONE: Parts = Parts { text_encoder: false, unet: false, vae: false };
+    pub fn only(part: Part) -> Self {
+        Parts { text_encoder: part == Part::TextEncoder, unet: part == Part::Unet, vae: part == Part::Vae }
+    }
+}
+
+/// One network of a [`StableDiffusion`]: loaded, or not (the model a low-memory engine keeps between the stages of a
+/// generation, [`LoadOptions::parts`]). It reads as the network itself; reading one that is not loaded is a bug of
+/// the caller and panics (the engine refuses, with a typed error, every operation that would).
+#[derive(Clone)]
+pub struct Net<M>(Option<M>);
+
+impl<M> Net<M> {
+    pub fn new(m: M) -> Self {
+        Self(Some(m))
+    }
+    pub fn absent() -> Self {
+        Self(None)
+    }
+    pub fn is_loaded(&self) -> bool {
+        self.0.is_some()
+    }
+    pub fn get(&self) -> Option<&M> {
+        self.0.as_ref()
+    }
+    pub fn into_inner(self) -> Option<M> {
+        self.0
+    }
+}
+
+impl<M> std::ops::Deref for Net<M> {
+    type Target = M;
+    fn deref(&self) -> &M {
+        self.0.as_ref().expect("a network read while it is not loaded (a low-memory engine's model between stages)")
+    }
+}
+
+impl<M> std::ops::DerefMut for Net<M> {
+    fn deref_mut(&mut self) -> &mut M {
+        self.0.as_mut().expect("a network read while it is not loaded (a low-memory engine's model between stages)")
+    }
 }
 
 /// Reads and loads the CLIP text encoder in `root/component` (transformers ≥ 5 writes CLIPTextModel without the
@@ -157,15 +228,20 @@ fn folder_alone(path: &Path) -> Result<(PathBuf, Option<crate::bundle::Verified>
     Ok((dir, bundle))
 }
 
+/// The error for a stage run on a model without its network (a low-memory engine's model between stages).
+pub(crate) fn not_loaded(what: &str) -> Error {
+    Error::Internal(format!("{what} is not loaded (a low-memory engine loads each network for its stage only)"))
+}
+
 /// A loaded model on one device. Cloning is cheap: tensors are shared until one side is edited.
 #[derive(Clone)]
 pub struct StableDiffusion {
     pub location: ModelLocation,
     pub device: SelectedDevice,
     pub tokenizer: ClipTokenizer,
-    pub text_encoder: CLIPTextModel,
-    pub unet: UNet2DConditionModel,
-    pub vae: AutoencoderKL,
+    pub text_encoder: Net<CLIPTextModel>,
+    pub unet: Net<UNet2DConditionModel>,
+    pub vae: Net<AutoencoderKL>,
     pub text_config: ClipTextConfig,
     pub unet_config: UNetConfig,
     pub vae_config: VaeConfig,
@@ -228,36 +304,65 @@ impl StableDiffusion {
 
         let dev = &device.device;
         let precision = device.precision;
-        let mut text_encoder;
-        let mut unet = UNet2DConditionModel::new(&unet_config, dev)?;
-        let mut vae = AutoencoderKL::new(&vae_config, dev)?;
+        let parts = opts.parts;
+        if parts != Parts::ALL {
+            let refuse = |what: &str| Err(Error::InvalidRequest(format!(
+                "{what} need the three networks loaded together: open the model without low-memory mode")));
+            if matches!(location, ModelLocation::SingleFile { .. }) {
+                return refuse("single-file checkpoints (one file holds all three networks)");
+            }
+            if opts.text_encoder.is_some() {
+                return refuse("replacement text encoders (bake it into a bundle: `unsee bundle build --text-encoder`)");
+            }
+            if !opts.loras.is_empty() {
+                return refuse("LoRAs (merge them into a bundle: `unsee bundle build --lora`)");
+            }
+        }
+        let mut text_encoder = Net::absent();
+        let mut unet = Net::absent();
+        let mut vae = Net::absent();
         let mut files = vec![];
         match &location {
             ModelLocation::Folder(dir) => {
-                let file;
-                (text_encoder, text_config, file) =
-                    load_text_encoder(dir, "text_encoder", &device, bundle.as_deref())?;
-                files.push(("text_encoder".to_string(), file));
+                if parts.text_encoder {
+                    let (model, config, file) = load_text_encoder(dir, "text_encoder", &device, bundle.as_deref())?;
+                    (text_encoder, text_config) = (Net::new(model), config);
+                    files.push(("text_encoder".to_string(), file));
+                } else {
+                    files.push(("text_encoder".to_string(), component_weights(dir, "text_encoder", "model")?));
+                }
                 for component in ["unet", "vae"] {
                     let file = component_weights(dir, component, "diffusion_pytorch_model")?;
                     match component {
-                        "unet" => load_weights(&mut unet, component, &file, &device, bundle.as_deref())?,
-                        _ => load_weights(&mut vae, component, &file, &device, bundle.as_deref())?,
+                        "unet" if parts.unet => {
+                            let mut m = UNet2DConditionModel::new(&unet_config, dev)?;
+                            load_weights(&mut m, component, &file, &device, bundle.as_deref())?;
+                            unet = Net::new(m);
+                        }
+                        "vae" if parts.vae => {
+                            let mut m = AutoencoderKL::new(&vae_config, dev)?;
+                            load_weights(&mut m, component, &file, &device, bundle.as_deref())?;
+                            vae = Net::new(m);
+                        }
+                        _ => {}
                     }
                     files.push((component.to_string(), file));
                 }
             }
             ModelLocation::SingleFile { file, .. } => {
-                text_encoder = new_text_encoder(&text_config, &device)?;
+                let mut te = new_text_encoder(&text_config, &device)?;
+                let mut u = UNet2DConditionModel::new(&unet_config, dev)?;
+                let mut v = AutoencoderKL::new(&vae_config, dev)?;
                 check_fits(file, "checkpoint", &device)?;
                 let mapped = check_file(file, "checkpoint", opts.check)?;
                 let parts = crate::compvis::split_checkpoint(&mapped, &unet_config, &vae_config)?;
-                load_module(&mut text_encoder, "text_encoder",
+                load_module(&mut te, "text_encoder",
                             TensorSource::Bytes { origin: file.clone(), bytes: parts.text_encoder }, precision)?;
-                load_module(&mut unet, "unet", TensorSource::Bytes { origin: file.clone(), bytes: parts.unet },
+                load_module(&mut u, "unet", TensorSource::Bytes { origin: file.clone(), bytes: parts.unet },
                             precision)?;
-                load_module(&mut vae, "vae", TensorSource::Bytes { origin: file.clone(), bytes: parts.vae },
+                load_module(&mut v, "vae", TensorSource::Bytes { origin: file.clone(), bytes: parts.vae },
                             precision)?;
+                (text_encoder, unet, vae) = (Net::new(te), Net::new(u), Net::new(v));
                 files.push(("checkpoint".into(), file.clone()));
             }
         }
@@ -289,7 +394,7 @@ impl StableDiffusion {
                 let mut model = new_text_encoder(&config, &device)?;
                 let bytes = crate::pickle::text_encoder_safetensors(&ckpt)?;
                 load_module(&mut model, "text_encoder", TensorSource::Bytes { origin: ckpt.clone(), bytes }, precision)?;
-                (text_encoder, text_config) = (model, config);
+                (text_encoder, text_config) = (Net::new(model), config);
                 files.retain(|(c, _)| c != "text_encoder");
                 files.push(("text_encoder".into(), ckpt));
             } else {
@@ -302,7 +407,7 @@ impl StableDiffusion {
             };
             let (model, config, file) = load_text_encoder(&te_root, &component, &device, None)?;
             check_text_encoder(te, &config, &unet_config, &tokenizer)?;
-            (text_encoder, text_config) = (model, config);
+            (text_encoder, text_config) = (Net::new(model), config);
             files.retain(|(c, _)| c != "text_encoder");
             files.push(("text_encoder".into(), file));
             }
@@ -344,7 +449,8 @@ impl StableDiffusion {
 
     /// `last_hidden_state` of one prompt, `[1, 77, hidden]`, plus the tokens.
     pub fn encode_prompt(&self, prompt: &str) -> Result<(Tensor<3>, Tokens)> {
+        let te = self.text_encoder.get().ok_or_else(|| not_loaded("the text encoder"))?;
         let tokens = self.tokenizer.encode_prompt(prompt)?;
-        Ok((self.text_encoder.forward(crate::tensor::token_ids(&tokens.ids, self.dev())), tokens))
+        Ok((te.forward(crate::tensor::token_ids(&tokens.ids, self.dev())), tokens))
     }
 }

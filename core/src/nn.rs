@@ -10,24 +10,37 @@ use burn::tensor::module::{attention, interpolate};
 use burn::tensor::ops::{AttentionModuleOptions, InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, Tensor};
 
-/// `forward` of a `Linear` or `Conv2d` on unsee's CPU kernels where they apply: a quantized weight is dequantized
-/// by [`crate::kernels::dequantize`] for this one call (burn's own path is single-threaded, see there) and dropped
-/// after it; large-plane k×k convolutions go to [`crate::kernels::conv2d`]; everything else to burn's `forward`.
+/// `forward` of a `Linear` or `Conv2d` on unsee's CPU kernels where they apply: a weight stored narrower than the
+/// activations — quantized, or f16 in a bundle ([`crate::quant`]) — is widened for this one call
+/// ([`crate::kernels::dequantize`]; burn's own path is single-threaded, see there) and dropped after it; large-plane
+/// k×k convolutions go to [`crate::kernels::conv2d`]; everything else to burn's `forward`.
 pub trait Forward<T> {
     fn fwd(&self, x: T) -> T;
 }
 
-fn is_quantized<const D: usize>(w: &Tensor<D>) -> bool {
-    matches!(w.dtype(), burn::tensor::DType::QFloat(_))
+/// The weight `w` in the activations' dtype `to` for one call, or `None` when burn's own `forward` takes it as it
+/// is (already in `to`; or quantized where unsee's kernel does not run: burn dequantizes it itself).
+fn widened<const D: usize>(w: &Tensor<D>, to: burn::tensor::DType) -> Option<Tensor<D>> {
+    let w = match w.dtype() {
+        burn::tensor::DType::QFloat(_) => {
+            let d = crate::kernels::dequantize(w.clone());
+            if matches!(d.dtype(), burn::tensor::DType::QFloat(_)) {
+                return None;
+            }
+            d
+        }
+        d if d == to => return None,
+        _ => crate::kernels::widen_f16(w).unwrap_or_else(|| w.clone()),
+    };
+    Some(if w.dtype() == to { w } else { w.cast(to) })
 }
 
 impl<const D: usize> Forward<Tensor<D>> for Linear {
     fn fwd(&self, x: Tensor<D>) -> Tensor<D> {
-        let w = self.weight.val();
-        if !is_quantized(&w) {
-            return self.forward(x);
+        match widened(&self.weight.val(), x.dtype()) {
+            None => self.forward(x),
+            Some(w) => burn::tensor::module::linear(x, w, self.bias.as_ref().map(|b| b.val())),
         }
-        burn::tensor::module::linear(x, crate::kernels::dequantize(w), self.bias.as_ref().map(|b| b.val()))
     }
 }
 
@@ -35,9 +48,10 @@ impl Forward<Tensor<4>> for Conv2d {
     /// k×k convolutions (k > 1) on the CPU go to [`crate::kernels::conv2d`]; 1×1 ones to burn (flex multiplies
     /// those in place already).
     fn fwd(&self, x: Tensor<4>) -> Tensor<4> {
-        let w = self.weight.val();
-        let quantized = is_quantized(&w);
-        let w = if quantized { crate::kernels::dequantize(w) } else { w };
+        let stored = self.weight.val();
+        let widened = widened(&stored, x.dtype());
+        let quantized = widened.is_some();
+        let w = widened.unwrap_or(stored);
         if let Some(pad) = own_conv(self, &x, &w) {
             let bias = self.bias.as_ref().map(|b| crate::tensor::to_f32_vec(b.val()));
             match bias {

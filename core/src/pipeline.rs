@@ -2,6 +2,7 @@
 //! guidance, decode. One entry point, [`StableDiffusion::generate`]: a request plus optional [`Inputs`] (init
 //! latents, per-step noise, conditioning), a step callback and an output [`Target`].
 
+use std::borrow::Cow;
 use std::time::{Duration, Instant};
 
 use burn::tensor::{Tensor, TensorData};
@@ -9,7 +10,7 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 
 use crate::error::{Error, Result};
-use crate::load::StableDiffusion;
+use crate::load::{Part, StableDiffusion, not_loaded};
 use crate::scheduler::{Scheduler, SchedulerKind};
 
 /// What to generate.
@@ -107,6 +108,8 @@ pub enum Target<'a> {
 /// Timings of one generation.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Timings {
+    /// Loading networks for their stage (a low-memory engine; 0 otherwise).
+    pub load_s: f64,
     pub encode_s: f64,
     pub steps_s: Vec<f64>,
     pub decode_s: f64,
@@ -190,6 +193,20 @@ impl StableDiffusion {
         on_step: &mut dyn FnMut(StepEvent) -> Control,
         target: Target,
     ) -> Result<Generated> {
+        self.generate_staged(req, inputs, on_step, target, &|_| Ok(Cow::Borrowed(self)))
+    }
+
+    /// [`Self::generate`] with the model of each stage — encoding ([`Part::TextEncoder`]), denoising
+    /// ([`Part::Unet`]), decoding ([`Part::Vae`]) — given by `stage`, and dropped when the stage ends: a low-memory
+    /// engine loads each network for its stage only. `self` gives the configs, tokenizer and device.
+    pub fn generate_staged<'s>(
+        &'s self,
+        req: &GenerateRequest,
+        inputs: Inputs,
+        on_step: &mut dyn FnMut(StepEvent) -> Control,
+        target: Target,
+        stage: &dyn Fn(Part) -> Result<Cow<'s, StableDiffusion>>,
+    ) -> Result<Generated> {
         req.validate()?;
         let (lh, lw) = self.latent_size(req)?;
         let (width, height) = self.image_size(req)?;
@@ -240,19 +257,35 @@ impl StableDiffusion {
         };
         let mut timings = Timings::default();
 
-        let t = Instant::now();
+        // Loads a stage's model, timed apart from the stage's work.
+        let load_s = std::cell::Cell::new(0.0);
+        let load = |part: Part| -> Result<Cow<'s, StableDiffusion>> {
+            let t = Instant::now();
+            let sd = stage(part)?;
+            load_s.set(load_s.get() + t.elapsed().as_secs_f64());
+            Ok(sd)
+        };
         let cfg = req.guidance > 1.0;
-        let cond = match given_context {
-            Some(c) => c.cast(self.device.precision.dtype()),
-            None => self.encode_prompt(&req.prompt)?.0,
-        };
-        let context = if cfg {
-            let (uncond, _) = self.encode_prompt(&req.negative_prompt)?;
-            Tensor::cat(vec![uncond, cond], 0)
+        let context = if given_context.is_none() || cfg {
+            let sd = load(Part::TextEncoder)?;
+            let t = Instant::now();
+            let cond = match given_context {
+                Some(c) => c.cast(self.device.precision.dtype()),
+                None => sd.encode_prompt(&req.prompt)?.0,
+            };
+            let context = if cfg {
+                let (uncond, _) = sd.encode_prompt(&req.negative_prompt)?;
+                Tensor::cat(vec![uncond, cond], 0)
+            } else {
+                cond
+            };
+            timings.encode_s = t.elapsed().as_secs_f64();
+            context
         } else {
-            cond
+            given_context.expect("checked above").cast(self.device.precision.dtype())
         };
-        timings.encode_s = t.elapsed().as_secs_f64();
+        let sd = load(Part::Unet)?;
+        let unet = sd.unet.get().ok_or_else(|| not_loaded("the UNet"))?;
 
         let mut x = latents * scheduler.init_noise_sigma as f32;
         let total = scheduler.timesteps.len();
@@ -261,7 +294,7 @@ impl StableDiffusion {
             let t = scheduler.timesteps[i];
             let input = scheduler.scale_model_input(x.clone(), i);
             let input = if cfg { Tensor::cat(vec![input.clone(), input], 0) } else { input };
-            let eps = self.unet.forward_until(input, t, &context, cancelled).ok_or(Error::Cancelled)?;
+            let eps = unet.forward_until(input, t, &context, cancelled).ok_or(Error::Cancelled)?;
             let eps = if cfg {
                 let mut parts = eps.chunk(2, 0);
                 let text = parts.pop().unwrap();
@@ -288,21 +321,29 @@ impl StableDiffusion {
             }
         }
 
+        drop(sd);
         finite(&crate::tensor::to_f32_vec(x.clone())?, "denoising loop")?;
-        let t = Instant::now();
         let rgba = match target {
-            Target::Rgba => {
-                let mut rgba = vec![0u8; width * height * 4];
-                self.decode_rgba_into(x.clone(), &mut rgba)?;
+            Target::Latents => vec![],
+            target => {
+                let sd = load(Part::Vae)?;
+                let t = Instant::now();
+                let rgba = match target {
+                    Target::Buffer(out) => {
+                        sd.decode_rgba_into(x.clone(), out)?;
+                        vec![]
+                    }
+                    _ => {
+                        let mut rgba = vec![0u8; width * height * 4];
+                        sd.decode_rgba_into(x.clone(), &mut rgba)?;
+                        rgba
+                    }
+                };
+                timings.decode_s = t.elapsed().as_secs_f64();
                 rgba
             }
-            Target::Buffer(out) => {
-                self.decode_rgba_into(x.clone(), out)?;
-                vec![]
-            }
-            Target::Latents => vec![],
         };
-        timings.decode_s = t.elapsed().as_secs_f64();
+        timings.load_s = load_s.get();
         Ok(Generated { width, height, rgba, latents: x, timings })
     }
 
@@ -311,7 +352,7 @@ impl StableDiffusion {
     pub fn decode_rgba_into(&self, latents: Tensor<4>, out: &mut [u8]) -> Result<(usize, usize)> {
         let shift = self.vae_config.shift_factor.unwrap_or(0.0) as f32;
         let z = latents / self.vae_config.scaling_factor as f32 + shift;
-        let img = self.vae.decode(z);
+        let img = self.vae.get().ok_or_else(|| not_loaded("the VAE"))?.decode(z);
         let [_, _, h, w] = img.dims();
         if out.len() != h * w * 4 {
             return Err(Error::Internal(format!("decoded {w}×{h} pixels into a buffer of {} bytes", out.len())));

@@ -27,9 +27,11 @@
 //!
 //! # In memory
 //! Quantized weights stay quantized: they become burn `QFloat` tensors (`QuantValue::Q8S` / `Q4S`, block
-//! `[32, 1]` for a burn `Linear`'s `[in, out]` weight, `[1, 32, 1, 1]` for a conv), and burn dequantizes per
-//! layer at use. burn's `flex` (CPU) backend keeps one i8 per value even for 4-bit, so int4 halves the file,
-//! not the memory, on the CPU.
+//! `[32, 1]` for a burn `Linear`'s `[in, out]` weight, `[1, 32, 1, 1]` for a conv), dequantized per layer at use
+//! ([`crate::nn::Forward`]). burn's `flex` (CPU) backend keeps one i8 per value even for 4-bit, so int4 halves the file,
+//! not the memory, on the CPU. The f16 weights of `Linear`s and `Conv2d`s ([`is_layer_weight`]: all of them in an
+//! f16 file, the "exact" and small ones in an int8/int4 file) stay f16 too and are widened per call by
+//! [`crate::nn::Forward`]; norms, biases and embeddings are widened to the device's precision at load.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
@@ -106,12 +108,17 @@ pub fn storage(name: &str, shape: &[usize]) -> Storage {
     if name.ends_with("attn2.to_k.weight") || name.ends_with("attn2.to_v.weight") {
         return Storage::Exact;
     }
-    let weight = name.ends_with(".weight") && !name.contains("embeddings.") && !name.contains("norm");
-    if weight && matches!(shape.len(), 2 | 4) && shape[1] % BLOCK == 0 && shape[0] > 0 {
+    if is_layer_weight(name, shape) && shape[1] % BLOCK == 0 && shape[0] > 0 {
         Storage::Quantized
     } else {
         Storage::F16
     }
+}
+
+/// Whether `name` (a diffusers key, PyTorch shape `shape`) is the weight of a `Linear` or `Conv2d`: what the
+/// modules multiply through [`crate::nn::Forward`], which widens a weight stored in f16 for the call.
+pub fn is_layer_weight(name: &str, shape: &[usize]) -> bool {
+    name.ends_with(".weight") && !name.contains("embeddings.") && !name.contains("norm") && matches!(shape.len(), 2 | 4)
 }
 
 /// Sizes of what [`quantize_module`] wrote.
@@ -350,7 +357,12 @@ fn read_all(path: &Path, expect: Option<&Expected>,
 }
 
 /// Float bytes of `dtype` as `precision`; `None` if any value is NaN or Inf.
-fn float_data(dtype: Dtype, bytes: &[u8], shape: Vec<usize>, precision: Precision) -> Option<TensorData> {
+fn float_data(dtype: Dtype, bytes: &[u8], shape: Vec<usize>, precision: Precision, keep_f16: bool)
+    -> Option<TensorData> {
+    if keep_f16 && dtype == Dtype::F16 {
+        let values: Vec<f16> = bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]])).collect();
+        return values.iter().all(|v| v.is_finite()).then(|| TensorData::new(values, shape));
+    }
     let values: Vec<f32> = match dtype {
         Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
         Dtype::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
@@ -505,7 +517,9 @@ fn load_in_chunks<M: ModuleSnapshot>(module: &mut M, component: &str, path: &Pat
             return Ok(());
         }
         let name = component_prefix(&e.name);
-        let data = float_data(e.dtype, &bytes, e.shape, precision)
+        // A bundle's f16 layer weights stay f16 in memory (half the bytes of f32) and are widened per call.
+        let keep_f16 = quant.is_some() && is_layer_weight(&e.name, &e.shape);
+        let data = float_data(e.dtype, &bytes, e.shape, precision, keep_f16)
             .ok_or_else(|| Error::NonFiniteWeights { component: component.to_string(), count: 1, names: name.clone() })?;
         packed_bytes += data.as_bytes().len();
         packs.push(burn::store::bridge::from_data(data, name, None));

@@ -106,7 +106,8 @@ fn signed_int8_and_int4_bundles_load_guarded_stay_quantized_and_draw() {
         assert!(matches!(conv.dtype(), DType::QFloat(_)), "{q}: conv weight is {:?}", conv.dtype());
         let attn = &unet.down_blocks[0].attentions[0].transformer_blocks[0];
         assert!(matches!(attn.attn1.to_q.weight.val().dtype(), DType::QFloat(_)));
-        assert_eq!(attn.attn2.to_k.weight.val().dtype(), DType::F32);
+        // Kept in floating point: f16, widened per call.
+        assert_eq!(attn.attn2.to_k.weight.val().dtype(), DType::F16);
         // The quantized, erased model still draws what it should (the oracle reads the picture).
         let found = shows(&e, "a blue triangle", 0);
         assert!(found.iter().any(|d| d.shape.name() == "triangle"), "{q}: blue triangle reads as {found:?}");
@@ -253,6 +254,158 @@ fn the_guard_refuses_bypasses() {
     run_gen(Inputs::default()).unwrap();
     let spec = Spec::from_file(&repo().join("models/specs/shapes-circle.toml")).unwrap();
     violation(e.erase(&spec, None).map(|_| ()), "a further erasure");
+}
+
+fn rgba(e: &Engine, req: &GenerateRequest) -> Vec<u8> {
+    e.generate(req, Inputs::default(), &mut |_| Control::Continue, Target::Rgba).unwrap().rgba
+}
+
+fn low_memory(opts: EngineOptions) -> EngineOptions {
+    EngineOptions { low_memory: true, ..opts }
+}
+
+/// Widens every f16 parameter to f32 (what loading did before f16 weights stayed f16 in memory).
+struct Widen;
+
+impl burn::module::ModuleMapper for Widen {
+    fn map_float<const D: usize>(&mut self, p: burn::module::Param<burn::tensor::Tensor<D>>)
+        -> burn::module::Param<burn::tensor::Tensor<D>> {
+        let t = p.val();
+        if t.dtype() == DType::F16 { burn::module::Param::from_tensor(t.cast(DType::F32)) } else { p }
+    }
+}
+
+#[test]
+fn an_f16_bundle_stays_f16_in_memory_and_draws_as_if_widened_at_load() {
+    use burn::module::Module;
+    let dir = tmp_dir("bundle", "f16");
+    let base = Engine::open(&EngineOptions { model: shapes(), ..EngineOptions::default() }).unwrap();
+    base.build_bundle(&BuildOptions { quant: Quant::F16, sign: None, creator: "test".into() }, &dir,
+                      &mut |_, _, _| {}).unwrap();
+    let e = Engine::open(&EngineOptions { model: dir, ..EngineOptions::default() }).unwrap();
+    let sd = e.model();
+    let block = &sd.unet.down_blocks[0].attentions[0].transformer_blocks[0];
+    for (what, dtype) in [("conv", sd.unet.conv_in.weight.val().dtype()), ("to_q", block.attn1.to_q.weight.val().dtype()),
+                          ("to_k", block.attn2.to_k.weight.val().dtype()),
+                          ("text encoder fc1", sd.text_encoder.text_model.encoder.layers[0].mlp.fc1.weight.val().dtype()),
+                          ("VAE conv", sd.vae.decoder.conv_in.weight.val().dtype())] {
+        assert_eq!(dtype, DType::F16, "{what}");
+    }
+    // Norms, biases and embeddings are widened at load.
+    assert_eq!(sd.unet.conv_in.bias.as_ref().unwrap().val().dtype(), DType::F32);
+    let mut widened = sd.clone();
+    widened.unet = unsee::load::Net::new((*sd.unet).clone().map(&mut Widen));
+    widened.text_encoder = unsee::load::Net::new((*sd.text_encoder).clone().map(&mut Widen));
+    widened.vae = unsee::load::Net::new((*sd.vae).clone().map(&mut Widen));
+    assert_eq!(widened.unet.conv_in.weight.val().dtype(), DType::F32);
+    let req = GenerateRequest { prompt: "a green triangle and a red circle".into(), steps: 6, guidance: 4.0, seed: 5,
+                                ..GenerateRequest::default() };
+    let draw = |sd: &unsee::load::StableDiffusion| {
+        sd.generate(&req, Inputs::default(), &mut |_| Control::Continue, Target::Rgba).unwrap().rgba
+    };
+    assert_eq!(draw(sd), draw(&widened), "widening per call differs from widening at load");
+}
+
+#[test]
+fn a_low_memory_engine_draws_the_same_pictures_one_network_at_a_time() {
+    let f = fixture();
+    let req = GenerateRequest { prompt: "a red circle and a blue square".into(), steps: 6, guidance: 4.0, seed: 3,
+                                ..GenerateRequest::default() };
+    let guard = Some(Guard { trusted_keys: vec![trusted()], required_concepts: vec!["red circle".into()] });
+    let cases = [
+        ("a guarded int8 bundle", EngineOptions { model: f.dir.join("circle-int8"), guard, ..EngineOptions::default() }),
+        ("a folder with an erasure file", EngineOptions { model: shapes(), erasures: vec![f.erasure.clone()],
+                                                           ..EngineOptions::default() }),
+        ("an unguarded int4 bundle", EngineOptions { model: f.dir.join("circle-int4"), ..EngineOptions::default() }),
+    ];
+    for (what, opts) in cases {
+        let resident = Engine::open(&opts).unwrap();
+        let sequential = Engine::open(&low_memory(opts)).unwrap();
+        assert!(sequential.is_low_memory() && !resident.is_low_memory());
+        // Nothing is loaded between generations.
+        let m = sequential.model();
+        assert!(!m.text_encoder.is_loaded() && !m.unet.is_loaded() && !m.vae.is_loaded(), "{what}");
+        let want = rgba(&resident, &req);
+        assert_eq!(rgba(&sequential, &req), want, "{what}: the low-memory engine drew another picture");
+        assert_eq!(rgba(&sequential, &req), want, "{what}: a second generation differs");
+        let (a, b) = (resident.encode_prompt("a red circle").unwrap().0, sequential.encode_prompt("a red circle").unwrap().0);
+        assert_eq!(host(a), host(b), "{what}: prompt encodings differ");
+        let g = sequential.generate(&req, Inputs::default(), &mut |_| Control::Continue, Target::Latents).unwrap();
+        let mut out = vec![0u8; want.len()];
+        sequential.decode_rgba_into(g.latents, &mut out).unwrap();
+        assert_eq!(out, want, "{what}: a separate decode differs");
+        let (ri, si) = (resident.info().unwrap(), sequential.info().unwrap());
+        assert_eq!(ri.parameters, si.parameters, "{what}");
+        assert!(si.low_memory && !ri.low_memory);
+        assert_eq!(si.erasures.len(), ri.erasures.len());
+    }
+    // The erasure took in the low-memory engine too.
+    let e = Engine::open(&low_memory(EngineOptions { model: f.dir.join("plain-int8"), erasures: vec![f.erasure.clone()],
+                                                     ..EngineOptions::default() })).unwrap();
+    let found = shows(&e, "a blue circle", 1);
+    assert!(!found.iter().any(|d| d.shape.name() == "circle"), "the erasure did not take: {found:?}");
+}
+
+#[test]
+fn a_low_memory_engine_refuses_what_needs_every_network() {
+    let f = fixture();
+    let invalid = |r: Result<(), Error>, what: &str| match r {
+        Err(Error::InvalidRequest(m)) => assert!(m.contains("low-memory"), "{what}: {m}"),
+        other => panic!("{what}: expected an invalid request, got {other:?}"),
+    };
+    let base = low_memory(EngineOptions { model: shapes(), ..EngineOptions::default() });
+    let lora = unsee::lora::LoraSpec { path: fixtures().join("tiny/lora_kohya.safetensors"), scale: 1.0 };
+    invalid(Engine::open(&EngineOptions { model: model_dir("tiny"), loras: vec![lora], ..base.clone() }).map(|_| ()),
+            "a LoRA");
+    invalid(Engine::open(&EngineOptions { text_encoder: Some(shapes()), ..base.clone() }).map(|_| ()),
+            "a replacement text encoder");
+    let mut e = Engine::open(&base).unwrap();
+    let spec = Spec::from_file(&repo().join("models/specs/shapes-circle.toml")).unwrap();
+    let out = tmp_dir("bundle", "low-memory-refusals");
+    invalid(e.erase(&spec, None).map(|_| ()), "erase");
+    invalid(e.audit(&spec).map(|_| ()), "audit");
+    invalid(e.attack(&spec, &unsee::erase::attack::AttackOptions::new(unsee::erase::attack::AttackMethod::Prompt, vec![]),
+                     &mut |_, _, _| {}, &|| false).map(|_| ()), "attack");
+    invalid(e.harden(&spec, &mut |_, _, _| {}, &|| false).map(|_| ()), "harden");
+    invalid(e.bake(&out.join("baked")), "bake");
+    invalid(e.bake_single_file(&out.join("baked.safetensors")), "bake a single file");
+    invalid(e.save_text_encoder(&out.join("te")), "save the text encoder");
+    invalid(e.build_bundle(&opts(Quant::Int8, &f.key), &out.join("bundle"), &mut |_, _, _| {}).map(|_| ()), "bundle");
+    assert!(!out.join("baked").exists() && !out.join("bundle").exists());
+    // The guard's refusals come first, as for a resident engine.
+    let dir = f.dir.join("circle-int8");
+    let g = Engine::open(&low_memory(EngineOptions {
+        model: dir, guard: Some(Guard { trusted_keys: vec![trusted()], required_concepts: vec![] }),
+        ..EngineOptions::default() })).unwrap();
+    let req = GenerateRequest { prompt: "a red circle".into(), steps: 2, ..GenerateRequest::default() };
+    let ctx = g.encode_prompt("a red circle").unwrap().0;
+    match g.generate(&req, Inputs { context: Some(ctx), ..Default::default() }, &mut |_| Control::Continue,
+                     Target::Latents) {
+        Err(Error::GuardViolation(_)) => {}
+        other => panic!("raw conditioning: expected a guard violation, got {:?}", other.map(|_| ())),
+    }
+}
+
+#[test]
+fn a_low_memory_engine_catches_a_weight_file_swapped_after_open() {
+    let f = fixture();
+    let dir = copy_of("circle-int8", "low-memory-swap");
+    let e = Engine::open(&low_memory(EngineOptions {
+        model: dir.clone(), guard: Some(Guard { trusted_keys: vec![trusted()], required_concepts: vec![] }),
+        ..EngineOptions::default() })).unwrap();
+    let req = GenerateRequest { prompt: "a red circle".into(), steps: 2, ..GenerateRequest::default() };
+    let run = || e.generate(&req, Inputs::default(), &mut |_| Control::Continue, Target::Rgba).map(|g| g.rgba);
+    let before = run().unwrap();
+    let target = dir.join("unet/diffusion_pytorch_model.safetensors");
+    let kept = std::fs::read(&target).unwrap();
+    std::fs::copy(f.dir.join("plain-int8/unet/diffusion_pytorch_model.safetensors"), &target).unwrap();
+    match run() {
+        Err(Error::Bundle { file, .. }) => assert!(file.ends_with("unet/diffusion_pytorch_model.safetensors")),
+        other => panic!("expected a bundle refusal naming the UNet, got {:?}", other.map(|_| ())),
+    }
+    // Nothing was kept from the refused file: with the genuine one back, the same picture.
+    std::fs::write(&target, kept).unwrap();
+    assert_eq!(run().unwrap(), before);
 }
 
 #[test]

@@ -126,6 +126,27 @@ fn same_seed_same_image_and_seed_changes_it() {
 }
 
 #[test]
+fn low_memory_draws_the_same_image_and_refuses_what_needs_every_network() {
+    let d = tmp("low-memory");
+    let run = |extra: &[&str], out: &str| {
+        let p = d.join(out);
+        let mut args = vec!["generate", "--device", "cpu", "--prompt", "a red circle", "--steps", "3", "--seed", "4",
+                            "--json", "--out", p.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let o = unsee(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        (std::fs::read(p).unwrap(), j["low_memory"].as_bool().unwrap())
+    };
+    assert_eq!(run(&[], "resident.png"), (run(&["--low-memory"], "low.png").0, false));
+    assert!(run(&["--low-memory"], "low2.png").1);
+    let spec = repo().join("models/specs/shapes-circle.toml");
+    fails_with(&["erase", "--low-memory", "--spec", spec.to_str().unwrap(), "--out",
+                 d.join("e.safetensors").to_str().unwrap()], "low-memory");
+    assert!(!d.join("e.safetensors").exists());
+}
+
+#[test]
 fn encode_writes_the_text_encoder_hidden_states() {
     let g = Golden::load("tiny");
     let d = tmp("encode");

@@ -6,6 +6,12 @@ classifier-free guidance) or one VAE decode (batch 1) on the CPU, in f32, with t
 
 `generate`: one whole run (load, prompt encoding, $UNSEE_BENCH_GEN_STEPS DDIM steps with guidance 7.5, decode) of a
 `StableDiffusionPipeline` built from the folder's components, as `unsee generate` does it.
+
+    python tests/reference/bench_torch.py MODEL_DIR SIZE_PX STEPS THREADS staged ddim|lcm GUIDANCE [LORA]
+
+`staged`: the peer of `cargo bench --bench lcm`: load (with the LoRA loaded and fused when given: diffusers'
+`load_lora_weights` + `fuse_lora` + `unload_lora_weights`, which needs peft), denoise (prompt encoding included) and
+decode timed apart -> {"load_s", "denoise_s", "decode_s", "peak_rss_mib"}.
 """
 import json
 import resource
@@ -41,6 +47,39 @@ def generate(model_dir, size, threads):
                       "torch": torch.__version__, "threads": threads}))
 
 
+def staged(model_dir, size, steps, threads, scheduler, guidance, lora):
+    from diffusers import DDIMScheduler, LCMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextModel, CLIPTokenizer
+    torch.set_num_threads(threads)
+    kw = dict(torch_dtype=torch.float32)
+    sched = {"ddim": DDIMScheduler, "lcm": LCMScheduler}[scheduler]
+    t0 = time.perf_counter()
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(model_dir, subfolder="vae", **kw),
+        text_encoder=CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", **kw),
+        tokenizer=CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer"),
+        unet=UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", **kw),
+        scheduler=sched.from_pretrained(model_dir, subfolder="scheduler"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if lora:
+        pipe.load_lora_weights(lora)
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+    load_s = time.perf_counter() - t0
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        latents = pipe("a photograph of an astronaut riding a horse", num_inference_steps=steps,
+                       guidance_scale=guidance, height=size, width=size, generator=torch.Generator().manual_seed(7),
+                       output_type="latent").images
+        denoise_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        pipe.vae.decode(latents / pipe.vae.config.scaling_factor)
+        decode_s = time.perf_counter() - t0
+    print(json.dumps({"load_s": load_s, "denoise_s": denoise_s, "decode_s": decode_s,
+                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "torch": torch.__version__, "threads": threads}))
+
+
 def main():
     model_dir, size, steps, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     torch.set_num_threads(threads)
@@ -48,6 +87,9 @@ def main():
     import os
     if part == "generate":
         return generate(model_dir, size, threads)
+    if part == "staged":
+        lora = sys.argv[8] if len(sys.argv) > 8 else None
+        return staged(model_dir, size, steps, threads, sys.argv[6], float(sys.argv[7]), lora)
     sub, cls = ("unet", UNet2DConditionModel) if part == "unet" else ("vae", AutoencoderKL)
     variant = None
     if not os.path.exists(os.path.join(model_dir, sub, "diffusion_pytorch_model.safetensors")):

@@ -36,7 +36,7 @@ public class JniPathTest {
 
     public static void main(String[] args) throws Exception {
         String tiny = Paths.get(System.getenv("UNSEE_REPO"), "models", "tiny-sd").toString();
-        Engine engine = new Engine(new EngineConfig(tiny, null, List.of(), DeviceKind.CPU, Precision.F32, List.of(), List.of(), List.of()));
+        Engine engine = new Engine(new EngineConfig(tiny, null, List.of(), DeviceKind.CPU, Precision.F32, List.of(), List.of(), List.of(), false));
         int steps = 4;
         long seed = 11L;
         for (Scheduler s : new Scheduler[] {Scheduler.DDIM, Scheduler.EULER_ANCESTRAL}) {

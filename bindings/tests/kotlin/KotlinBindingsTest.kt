@@ -110,9 +110,15 @@ fun main() = runBlocking {
     val other = File(System.getenv("UNSEE_OTHER_KEY")).readText()
     val guarded = EngineConfig(modelPath = bundle, device = DeviceKind.CPU, precision = Precision.F32,
                                trustedKeys = listOf(trusted), requiredConcepts = listOf("red circle"))
-    Unsee(guarded).use { unsee ->
+    val guardedImage = Unsee(guarded).use { unsee ->
         val image = unsee.generate(request())
         check(image.rgba.size == image.width * image.height * 4) { "guarded image $image" }
+        image
+    }
+    // Low memory: each network loaded for its stage only, the same picture.
+    Unsee(guarded.copy(lowMemory = true)).use { unsee ->
+        val image = unsee.generate(request())
+        check(image.rgba.contentEquals(guardedImage.rgba)) { "the low-memory engine drew another picture" }
     }
     expect<UnseeException.BundleRefused> { Engine(guarded.copy(trustedKeys = listOf(other))) }
     expect<UnseeException.GuardViolation> { Engine(guarded.copy(requiredConcepts = listOf("dog"))) }

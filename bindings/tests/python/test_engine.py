@@ -225,6 +225,18 @@ class GuardTest(unittest.TestCase):
         with self.assertRaises(UnseeError.GuardViolation):
             engine.erase(SPEC, None)
 
+    def test_low_memory_engine_draws_the_same_picture(self):
+        want = Engine(self.guarded()).generate(request(), None, None)
+        low = Engine(self.guarded(low_memory=True))
+        got = low.generate(request(), None, None)
+        self.assertEqual(bytes(got.rgba), bytes(want.rgba))
+        self.assertTrue(low.info().low_memory)
+        self.assertFalse(Engine(self.guarded()).info().low_memory)
+        unguarded = Engine(config(low_memory=True))
+        with self.assertRaises(UnseeError.InvalidRequest) as cm:
+            unguarded.erase(SPEC, None)
+        self.assertIn("low-memory", str(cm.exception))
+
     def test_tampered_bundle_is_refused_naming_the_file(self):
         copy = os.path.join(TMP, "tampered-bundle")
         shutil.copytree(self.BUNDLE, copy)

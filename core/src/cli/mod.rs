@@ -119,6 +119,11 @@ pub struct ModelArgs {
     /// Guarded mode: the bundle must erase this concept (repeatable; needs --trust).
     #[arg(long = "require-concept")]
     require_concepts: Vec<String>,
+    /// Sequential residency: load each network only for its stage of a generation (text encoder, then UNet, then
+    /// VAE), so at most one is in memory; weights are read again at every generation. Generation only; refuses
+    /// single-file checkpoints, --lora and --text-encoder.
+    #[arg(long)]
+    low_memory: bool,
 }
 
 impl ModelArgs {
@@ -156,6 +161,7 @@ impl ModelArgs {
             device: self.device,
             precision: self.precision,
             check: self.check,
+            low_memory: self.low_memory,
         })
     }
 }

@@ -210,16 +210,25 @@ pub fn apply_file(sd: &mut StableDiffusion, path: &Path) -> Result<ErasureInfo> 
     Ok(info)
 }
 
-/// Applies deltas read from the erasure file `path` (see [`load`]) after the same checks as [`apply_file`].
+/// Applies deltas read from the erasure file `path` (see [`load`]) after the same checks as [`apply_file`]. On a
+/// model with only some networks loaded (a low-memory engine's stage, [`crate::load::Parts`]) it checks and applies
+/// what concerns those: the deltas of the loaded networks, and the text-encoder identity when it is known.
 pub fn apply_checked(sd: &mut StableDiffusion, path: &Path, info: &ErasureInfo, deltas: &[Delta]) -> Result<()> {
-    let te = text_encoder_hash(sd);
-    if te != info.text_encoder_hash {
-        return Err(Error::ErasureMismatch {
-            file: path.to_path_buf(),
-            message: "it was computed with another text encoder (its keys would not match this one's)".into(),
-        });
+    if sd.text_encoder.is_loaded() || sd.text_encoder_identity.is_some() {
+        let te = text_encoder_hash(sd);
+        if te != info.text_encoder_hash {
+            return Err(Error::ErasureMismatch {
+                file: path.to_path_buf(),
+                message: "it was computed with another text encoder (its keys would not match this one's)".into(),
+            });
+        }
     }
-    for d in deltas {
+    let loaded = |d: &&Delta| match d.component {
+        Component::Unet => sd.unet.is_loaded(),
+        Component::TextEncoder => sd.text_encoder.is_loaded(),
+    };
+    let deltas: Vec<&Delta> = deltas.iter().filter(loaded).collect();
+    for d in deltas.iter().copied() {
         let key = format!("{}.{}", d.component.prefix(), d.name);
         let lin = linear_mut(sd, d.component, &d.name).ok_or_else(|| Error::ErasureMismatch {
             file: path.to_path_buf(),

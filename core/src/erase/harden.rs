@@ -180,7 +180,7 @@ pub fn harden(sd: &StableDiffusion, spec: &Spec, progress: &mut dyn FnMut(&str, 
 
     // The trained copy: an autodiff fork with the embeddings (and the layers not trained) frozen.
     let trained_layers: Vec<usize> = if p.layers.is_empty() { (0..n_layers).collect() } else { p.layers.clone() };
-    let mut te = sd.text_encoder.clone().fork(&sd.dev().clone().autodiff()).train().set_require_grad(true);
+    let mut te = (*sd.text_encoder).clone().fork(&sd.dev().clone().autodiff()).train().set_require_grad(true);
     te.text_model.embeddings = te.text_model.embeddings.no_grad();
     for (i, layer) in te.text_model.encoder.layers.iter_mut().enumerate() {
         if !trained_layers.contains(&i) {

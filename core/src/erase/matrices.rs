@@ -233,12 +233,15 @@ pub fn text_encoder_hash_of(te: &crate::clip::CLIPTextModel) -> String {
 /// Adds ΔW = R·Xᵀ to the matrix on its device (the product is formed there).
 pub fn apply_delta(sd: &mut StableDiffusion, delta: &Delta) -> Result<()> {
     let device = sd.dev().clone();
+    let float = sd.device.precision.dtype();
     let lin = linear_mut(sd, delta.component, &delta.name)
         .ok_or_else(|| Error::InvalidModel { path: delta.component.prefix().into(),
                                              message: format!("the model has no matrix {}", delta.name) })?;
     let w = lin.weight.val();
-    // A quantized matrix is edited in floating point (it stays so: the edit is not re-quantized).
+    // A quantized matrix is edited in floating point (it stays so: the edit is not re-quantized), and one kept in
+    // f16 in memory (a bundle's) in the model's precision, as if it had been widened at load.
     let w = if crate::tensor::is_quantized(&w) { w.dequantize() } else { w };
+    let w = if w.dtype() != float { w.cast(float) } else { w };
     let [d_in, d_out] = w.dims();
     if delta.r.nrows() != d_out || delta.x.nrows() != d_in {
         return Err(Error::InvalidModel { path: delta.component.prefix().into(), message: format!(
