@@ -266,23 +266,24 @@ impl StableDiffusion {
             Ok(sd)
         };
         let cfg = req.guidance > 1.0;
-        let context = if given_context.is_none() || cfg {
-            let sd = load(Part::TextEncoder)?;
-            let t = Instant::now();
-            let cond = match given_context {
-                Some(c) => c.cast(self.device.precision.dtype()),
-                None => sd.encode_prompt(&req.prompt)?.0,
-            };
-            let context = if cfg {
-                let (uncond, _) = sd.encode_prompt(&req.negative_prompt)?;
-                Tensor::cat(vec![uncond, cond], 0)
-            } else {
-                cond
-            };
-            timings.encode_s = t.elapsed().as_secs_f64();
-            context
-        } else {
-            given_context.expect("checked above").cast(self.device.precision.dtype())
+        let context = match (given_context, cfg) {
+            (Some(c), false) => c.cast(self.device.precision.dtype()),
+            (given_context, _) => {
+                let sd = load(Part::TextEncoder)?;
+                let t = Instant::now();
+                let cond = match given_context {
+                    Some(c) => c.cast(self.device.precision.dtype()),
+                    None => sd.encode_prompt(&req.prompt)?.0,
+                };
+                let context = if cfg {
+                    let (uncond, _) = sd.encode_prompt(&req.negative_prompt)?;
+                    Tensor::cat(vec![uncond, cond], 0)
+                } else {
+                    cond
+                };
+                timings.encode_s = t.elapsed().as_secs_f64();
+                context
+            }
         };
         let sd = load(Part::Unet)?;
         let unet = sd.unet.get().ok_or_else(|| not_loaded("the UNet"))?;
