@@ -90,9 +90,6 @@ impl<M> Net<M> {
     pub fn get(&self) -> Option<&M> {
         self.0.as_ref()
     }
-    pub fn into_inner(self) -> Option<M> {
-        self.0
-    }
 }
 
 impl<M> std::ops::Deref for Net<M> {

@@ -50,7 +50,7 @@ impl Forward<Tensor<4>> for Conv2d {
     fn fwd(&self, x: Tensor<4>) -> Tensor<4> {
         let stored = self.weight.val();
         let widened = widened(&stored, x.dtype());
-        let quantized = widened.is_some();
+        let converted = widened.is_some();
         let w = widened.unwrap_or(stored);
         if let Some(pad) = own_conv(self, &x, &w) {
             let bias = self.bias.as_ref().map(|b| crate::tensor::to_f32_vec(b.val()));
@@ -59,7 +59,7 @@ impl Forward<Tensor<4>> for Conv2d {
                 bias => return crate::kernels::conv2d(x, w, bias.map(|b| b.unwrap_or_default()), self.stride, pad),
             }
         }
-        if !quantized {
+        if !converted {
             return self.forward(x);
         }
         let mut c = self.clone();

@@ -22,22 +22,29 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 
-def generate(model_dir, size, threads):
+def pipeline(model_dir, scheduler_class):
+    """A `StableDiffusionPipeline` from the folder's components in f32 (its fp16 variant when that is all it has)."""
     import os
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextModel, CLIPTokenizer
-    torch.set_num_threads(threads)
-    steps = int(os.environ.get("UNSEE_BENCH_GEN_STEPS", "2"))
     fp16 = not os.path.exists(os.path.join(model_dir, "unet", "diffusion_pytorch_model.safetensors"))
     kw = dict(variant="fp16" if fp16 else None, torch_dtype=torch.float32)
-    t0 = time.perf_counter()
-    pipe = StableDiffusionPipeline(
+    return StableDiffusionPipeline(
         vae=AutoencoderKL.from_pretrained(model_dir, subfolder="vae", **kw),
         text_encoder=CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", **kw),
         tokenizer=CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer"),
         unet=UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", **kw),
-        scheduler=DDIMScheduler.from_pretrained(model_dir, subfolder="scheduler"),
+        scheduler=scheduler_class.from_pretrained(model_dir, subfolder="scheduler"),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def generate(model_dir, size, threads):
+    import os
+    from diffusers import DDIMScheduler
+    torch.set_num_threads(threads)
+    steps = int(os.environ.get("UNSEE_BENCH_GEN_STEPS", "2"))
+    t0 = time.perf_counter()
+    pipe = pipeline(model_dir, DDIMScheduler)
     with torch.no_grad():
         pipe("a photograph of an astronaut riding a horse", num_inference_steps=steps, guidance_scale=7.5,
              height=size, width=size, generator=torch.Generator().manual_seed(7), output_type="np")
@@ -48,19 +55,10 @@ def generate(model_dir, size, threads):
 
 
 def staged(model_dir, size, steps, threads, scheduler, guidance, lora):
-    from diffusers import DDIMScheduler, LCMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from diffusers import DDIMScheduler, LCMScheduler
     torch.set_num_threads(threads)
-    kw = dict(torch_dtype=torch.float32)
-    sched = {"ddim": DDIMScheduler, "lcm": LCMScheduler}[scheduler]
     t0 = time.perf_counter()
-    pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(model_dir, subfolder="vae", **kw),
-        text_encoder=CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", **kw),
-        tokenizer=CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer"),
-        unet=UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", **kw),
-        scheduler=sched.from_pretrained(model_dir, subfolder="scheduler"),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = pipeline(model_dir, {"ddim": DDIMScheduler, "lcm": LCMScheduler}[scheduler])
     if lora:
         pipe.load_lora_weights(lora)
         pipe.fuse_lora()
