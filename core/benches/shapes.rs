@@ -23,7 +23,8 @@
 //!
 //! Hardened text encoders (issue #13): UNSEE_SHAPES_HARDENED="0=FILE,1=FILE" (erasure index = a `text_encoder`
 //! folder or delta file from `unsee harden`) adds rows "harden" (the encoder swapped in) and "harden + uce" (UCE
-//! computed on top, with that encoder) to both tables.
+//! computed on top, with that encoder; UNSEE_SHAPES_HARDENED_UCE=0 leaves it out) to both tables; with
+//! UNSEE_SHAPES_METHODS="" the erasure table then holds the hardened rows only.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -48,10 +49,14 @@ fn hardened(base: &StableDiffusion, model: &std::path::Path, erasure: &Erasure, 
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(path);
         let opts = LoadOptions { text_encoder: Some(path), ..LoadOptions::default() };
         let h = StableDiffusion::load(model, base.device.clone(), &opts).unwrap();
-        let mut hu = h.clone();
-        unsee::erase::erase(&mut hu, &erasure.spec(Method::Uce).unwrap()).unwrap();
+        let with_uce = env("UNSEE_SHAPES_HARDENED_UCE", 1) != 0;
+        let hu = with_uce.then(|| {
+            let mut hu = h.clone();
+            unsee::erase::erase(&mut hu, &erasure.spec(Method::Uce).unwrap()).unwrap();
+            hu
+        });
         out.push(("harden".to_string(), h));
-        out.push(("harden + uce".to_string(), hu));
+        out.extend(hu.map(|hu| ("harden + uce".to_string(), hu)));
     }
     out
 }
@@ -97,7 +102,7 @@ fn main() {
         .filter(|m| !m.is_empty())
         .map(|m| m.parse().unwrap_or_else(|e| panic!("UNSEE_SHAPES_METHODS: {e}")))
         .collect();
-    if !methods.is_empty() && env("UNSEE_SHAPES_TABLE", 1) != 0 {
+    if (!methods.is_empty() || std::env::var("UNSEE_SHAPES_HARDENED").is_ok()) && env("UNSEE_SHAPES_TABLE", 1) != 0 {
         erasure_table(&base, &model, &s, &methods);
     }
 
@@ -148,8 +153,12 @@ fn erasure_table(base: &StableDiffusion, model: &std::path::Path, s: &Settings, 
     println!("{}", Row::HEADER);
     let what = Measure { specificity: true, attacks: true };
     for (i, erasure) in Erasure::standard().into_iter().enumerate() {
+        let rows = hardened(base, model, &erasure, i);
+        if rows.is_empty() && methods.is_empty() {
+            continue;
+        }
         let base_line = baseline(base, &erasure, &s, what).unwrap();
-        for (name, sd) in hardened(base, model, &erasure, i) {
+        for (name, sd) in rows {
             let t = Instant::now();
             match measure_model(base, &erasure, &sd, &name, &s, &base_line, what) {
                 Ok(row) => println!("{}", row.markdown()),

@@ -165,7 +165,13 @@ fn load_weights<M: burn::store::ModuleSnapshot>(module: &mut M, component: &str,
                                                 bundle: Option<&crate::bundle::Verified>) -> Result<()> {
     check_fits(file, component, device)?;
     let expected = bundle.map(|b| b.expected(file)).transpose()?;
-    crate::quant::load_component(module, component, file, device.precision, expected.as_ref())?;
+    // GPUs get a bundle's quantized weights widened at load (see `quant::quantized_pack`).
+    let loaded = crate::quant::load_component(module, component, file, device.precision, expected.as_ref(),
+                                              device.is_gpu)?;
+    if let Some(q) = loaded.quant.filter(|q| device.is_gpu && *q != crate::quant::Quant::F16) {
+        tracing::info!("{component}: {} weights widened to {:?} at load on the GPU (burn's GPU quantized tensors \
+                        cannot hold the bundle's block layout)", q.name(), device.precision);
+    }
     Ok(())
 }
 

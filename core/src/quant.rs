@@ -438,14 +438,19 @@ pub struct Loaded {
 /// Reads `path` once (a plain or an `unsee-quantized` safetensors file) into `module`, 128 MiB at a time, and
 /// checks it against `expect` (size first; SHA-256 of exactly the bytes that became weights at the end). `module`
 /// must be a fresh one that the caller drops on any error: after an error it may hold part of the file.
-/// Quantized tensors must be where the rule puts them, with a well-formed scale tensor.
+/// Quantized tensors must be where the rule puts them, with a well-formed scale tensor. `widen_quantized`: quantized
+/// weights become floating-point tensors of `precision` (`q × scale`, what the CPU computes per call) instead of
+/// burn `QFloat` ones — for GPU devices, where burn's quantized tensors cannot hold this format (see
+/// [`quantized_pack`]).
 pub fn load_component<M: ModuleSnapshot>(module: &mut M, component: &str, path: &Path, precision: Precision,
-                                         expect: Option<&Expected>) -> Result<Loaded> {
-    load_in_chunks(module, component, path, precision, expect, APPLY_CHUNK)
+                                         expect: Option<&Expected>, widen_quantized: bool) -> Result<Loaded> {
+    load_in_chunks(module, component, path, precision, expect, APPLY_CHUNK, widen_quantized)
 }
 
 fn load_in_chunks<M: ModuleSnapshot>(module: &mut M, component: &str, path: &Path, precision: Precision,
-                                     expect: Option<&Expected>, chunk: usize) -> Result<Loaded> {
+                                     expect: Option<&Expected>, chunk: usize, widen_quantized: bool)
+    -> Result<Loaded> {
+    let widen = widen_quantized.then_some(precision);
     let corrupt = |m: String| Error::CorruptWeights { file: path.to_path_buf(), message: m };
     let mut scales: HashMap<String, (Vec<usize>, Vec<u8>)> = HashMap::new();
     let mut pending: HashMap<String, (Entry, Vec<u8>)> = HashMap::new();
@@ -492,7 +497,7 @@ fn load_in_chunks<M: ModuleSnapshot>(module: &mut M, component: &str, path: &Pat
             match pending.remove(&base) {
                 Some((d, b)) => {
                     packed_bytes += d.end as usize - d.start as usize;
-                    packs.push(quantized_pack(component_prefix(&base), d, b, &e.shape, &bytes, quant, path)?)
+                    packs.push(quantized_pack(component_prefix(&base), d, b, &e.shape, &bytes, quant, path, widen)?)
                 }
                 None => {
                     scales.insert(base, (e.shape, bytes));
@@ -508,7 +513,7 @@ fn load_in_chunks<M: ModuleSnapshot>(module: &mut M, component: &str, path: &Pat
                 Some((s_shape, s_bytes)) => {
                     let name = component_prefix(&e.name);
                     packed_bytes += bytes.len();
-                    packs.push(quantized_pack(name, e, bytes, &s_shape, &s_bytes, quant, path)?);
+                    packs.push(quantized_pack(name, e, bytes, &s_shape, &s_bytes, quant, path, widen)?);
                 }
                 None => {
                     pending.insert(e.name.clone(), (e, bytes));
@@ -536,9 +541,18 @@ fn load_in_chunks<M: ModuleSnapshot>(module: &mut M, component: &str, path: &Pat
     Ok(Loaded { sha256, quant })
 }
 
-/// A quantized weight as a burn `QFloat` tensor in burn's layout (a `Linear`'s weight transposed to `[in, out]`).
+/// A quantized weight as a burn `QFloat` tensor in burn's layout (a `Linear`'s weight transposed to `[in, out]`), or
+/// with `widen`, as a floating-point tensor of that precision in the file's layout (`q × scale`, computed in f32 as
+/// the CPU's per-call dequantization does).
+///
+/// Why GPUs get the widened form (burn 0.22.1, wgpu; probed on lavapipe): `QuantStore::Native` (one i8 per value)
+/// fails to compile (WGSL has no `i8`: "no definition in scope for identifier: `i8`"), and with
+/// `QuantStore::PackedU32` burn's GPU kernels read a block as 32 consecutive elements of the stored tensor, while
+/// this format's blocks run along the input axis, which burn's `[in, out]` `Linear` layout (and a k×k convolution's
+/// `[out, in, k, k]`) does not keep contiguous: every value is read with another block's scale.
+#[allow(clippy::too_many_arguments)]
 fn quantized_pack(name: String, e: Entry, bytes: Vec<u8>, s_shape: &[usize], s_bytes: &[u8], quant: Option<Quant>,
-                  path: &Path) -> Result<PackTensor> {
+                  path: &Path, widen: Option<Precision>) -> Result<PackTensor> {
     let corrupt = |m: String| Error::CorruptWeights { file: path.to_path_buf(), message: format!("{}: {m}", e.name) };
     let quant = quant.filter(|q| *q != Quant::F16).ok_or_else(|| corrupt("integer weights in an f16 file".into()))?;
     if !matches!(s_shape.len(), 2 | 4) {
@@ -573,6 +587,19 @@ fn quantized_pack(name: String, e: Entry, bytes: Vec<u8>, s_shape: &[usize], s_b
     let scales: Vec<f32> = s_bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect();
     if scales.iter().any(|s| !s.is_finite() || *s < 0.0) {
         return Err(corrupt("scales must be finite and ≥ 0".into()));
+    }
+    if let Some(precision) = widen {
+        let (_, i, r) = layout(&shape);
+        let nb = i / BLOCK;
+        let values = q.iter().enumerate().map(|(idx, &v)| {
+            let (oo, ii, rr) = (idx / (i * r), idx / r % i, idx % r);
+            v as f32 * scales[(oo * nb + ii / BLOCK) * r + rr]
+        });
+        let data = match precision {
+            Precision::F32 => TensorData::new(values.collect::<Vec<f32>>(), shape),
+            Precision::F16 => TensorData::new(values.map(f16::from_f32).collect::<Vec<f16>>(), shape),
+        };
+        return Ok(burn::store::bridge::from_data(data, name, None));
     }
     let value = match quant {
         Quant::Int4 => QuantValue::Q4S,
@@ -651,16 +678,16 @@ mod tests {
             let file = dir.join(format!("{}.safetensors", quant.name()));
             crate::weights::write_safetensors(&file, &tensors, Some(metadata(quant))).unwrap();
             let mut whole = crate::vae::AutoencoderKL::new(&cfg, &dev).unwrap();
-            load_in_chunks(&mut whole, "vae", &file, Precision::F32, None, usize::MAX).unwrap();
+            load_in_chunks(&mut whole, "vae", &file, Precision::F32, None, usize::MAX, false).unwrap();
             let mut pieces = crate::vae::AutoencoderKL::new(&cfg, &dev).unwrap();
-            load_in_chunks(&mut pieces, "vae", &file, Precision::F32, None, 1).unwrap();
+            load_in_chunks(&mut pieces, "vae", &file, Precision::F32, None, 1, false).unwrap();
             assert_eq!(values(&whole), values(&pieces), "{quant:?}");
             // One tensor left out: reported as missing, by name, in both modes.
             let short: Vec<OwnedTensor> = tensors.into_iter().filter(|t| t.name != "decoder.conv_in.bias").collect();
             crate::weights::write_safetensors(&file, &short, Some(metadata(quant))).unwrap();
             for chunk in [1, usize::MAX] {
                 let mut m = crate::vae::AutoencoderKL::new(&cfg, &dev).unwrap();
-                match load_in_chunks(&mut m, "vae", &file, Precision::F32, None, chunk) {
+                match load_in_chunks(&mut m, "vae", &file, Precision::F32, None, chunk, false) {
                     Err(Error::WeightMismatch { report, .. }) => {
                         assert_eq!(report.matches("missing").count(), 1, "{report}");
                         assert!(report.contains("decoder.conv_in.bias"), "{report}");

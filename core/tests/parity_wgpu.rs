@@ -121,3 +121,53 @@ fn batched_keys_on_wgpu_equal_one_prompt_encoding() {
         assert_close(&format!("key of {p:?}"), &a, &b, 1e-5);
     }
 }
+
+/// Quantized and f16 bundles on wgpu: burn's GPU quantized tensors cannot hold the bundle format (see
+/// `quant::quantized_pack`), so a GPU engine loads its quantized weights widened (`q × scale`, as the CPU computes
+/// per call) and must draw what the CPU draws from the same bundle: the same latents within the tolerance of a
+/// complete run, and the oracle reading the same shapes and colours.
+#[test]
+fn quantized_bundles_draw_on_wgpu_what_they_draw_on_the_cpu() {
+    use burn::tensor::DType;
+    use unsee::bundle::BuildOptions;
+    use unsee::engine::{Engine, EngineOptions};
+    use unsee::pipeline::{Control, GenerateRequest, Inputs, Target};
+    use unsee::quant::Quant;
+    if !gpu_available() {
+        return;
+    }
+    let shapes = repo().join("models/shapes-sd");
+    let base = Engine::open(&EngineOptions { model: shapes, ..EngineOptions::default() }).unwrap();
+    let req = GenerateRequest { prompt: "a green triangle and a red circle".into(), steps: 4, guidance: 4.0, seed: 5,
+                                ..GenerateRequest::default() };
+    for quant in [Quant::Int8, Quant::Int4, Quant::F16] {
+        let dir = tmp_dir("parity_wgpu", &format!("bundle-{}", quant.name()));
+        base.build_bundle(&BuildOptions { quant, sign: None, creator: "test".into() }, &dir, &mut |_, _, _| {})
+            .unwrap();
+        let open = |device| Engine::open(&EngineOptions { model: dir.clone(), device, ..EngineOptions::default() })
+            .unwrap();
+        let (cpu, gpu) = (open(DeviceChoice::Cpu), open(DeviceChoice::Gpu));
+        assert!(gpu.info().unwrap().device.contains("gpu"), "{}", gpu.info().unwrap().device);
+        let to_q = |e: &Engine| e.model().unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight
+            .val().dtype();
+        if quant != Quant::F16 {
+            assert!(matches!(to_q(&cpu), DType::QFloat(_)), "{quant:?} on the CPU: {:?}", to_q(&cpu));
+            assert_eq!(to_q(&gpu), DType::F32, "{quant:?} on wgpu");
+        }
+        let draw = |e: &Engine, target| e.generate(&req, Inputs::default(), &mut |_| Control::Continue, target).unwrap();
+        let (a, b) = (draw(&cpu, Target::Latents).latents, draw(&gpu, Target::Latents).latents);
+        let (a, b) = (a.into_data().try_to_vec::<f32>().unwrap(), b.into_data().try_to_vec::<f32>().unwrap());
+        let scale = a.iter().fold(1f32, |m, v| m.max(v.abs()));
+        let err = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / scale;
+        eprintln!("{} bundle: CPU vs wgpu latents, max error {err:.2e}", quant.name());
+        assert!(err <= 1e-3, "{} bundle: CPU vs wgpu latents differ by {err}", quant.name());
+        let read = |e: &Engine| {
+            let g = draw(e, Target::Rgba);
+            let mut found = unsee::shapes::analyse(&g.rgba, g.width, g.height, 4)
+                .into_iter().map(|d| format!("{d:?}")).collect::<Vec<_>>();
+            found.sort();
+            found
+        };
+        assert_eq!(read(&cpu), read(&gpu), "{} bundle: the oracle reads another picture on wgpu", quant.name());
+    }
+}

@@ -143,13 +143,16 @@ pub fn http_body(data: &[u8]) {
 }
 
 /// A component file as a bundle's loader reads it (`unsee::quant::load_component`: streaming header and offset
-/// checks, `unsee-quantized` metadata, scale/data pairing, the rule, value and scale ranges), into the tiny VAE.
+/// checks, `unsee-quantized` metadata, scale/data pairing, the rule, value and scale ranges), into the tiny VAE, as
+/// quantized tensors (the CPU's way) and widened at load (the GPU's).
 pub fn quantized_component(data: &[u8]) {
     let cfg: VaeConfig = read_json("vae/config.json");
     let device = select(DeviceChoice::Cpu, Precision::F32).expect("cpu").device;
-    let mut vae = AutoencoderKL::new(&cfg, &device).expect("tiny vae");
     let p = scratch("quantized.safetensors", data);
-    let _ = unsee::quant::load_component(&mut vae, "vae", &p, Precision::F32, None);
+    for widen in [false, true] {
+        let mut vae = AutoencoderKL::new(&cfg, &device).expect("tiny vae");
+        let _ = unsee::quant::load_component(&mut vae, "vae", &p, Precision::F32, None, widen);
+    }
 }
 
 /// A bundle's `manifest.json` (beside one file, `a.txt` = "hello"), checked as `unsee bundle verify` does.

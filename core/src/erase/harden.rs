@@ -23,10 +23,9 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::Tensor;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rand_distr::{Distribution, StandardNormal};
 
 use super::attack::loss::{DenoisingLoss, Noised, embed_ids, gradient, leaf, scalar};
 use super::spec::Spec;
@@ -46,6 +45,39 @@ pub enum Objective {
     Esd,
 }
 
+/// Where the inner attack's k continuous tokens go (the paper code's `attack_type`; its `prefix_k`, `suffix_k` and
+/// `replace_k`, the concept phrase being the paper's prompt).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttackType {
+    /// `[BOS, δ, template(concept), EOS, …]`.
+    Prefix,
+    /// `[BOS, template(concept), δ, EOS, …]`.
+    Suffix,
+    /// The concept phrase itself replaced: `[BOS, template(δ), EOS, …]`.
+    Replace,
+}
+
+/// How each inner attack starts (the paper code's `attack_init`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttackInit {
+    /// From the previous attack's δ (a persistent adversary; the first from random tokens).
+    Latest,
+    /// From the embeddings of k tokens drawn uniformly from the vocabulary.
+    Random,
+}
+
+/// The encoder the training starts from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Start {
+    /// The model's own encoder (AdvUnlearn).
+    Original,
+    /// The model's encoder after the closed-form `erasepro-text` edit of the same spec (ErasePro's defaults).
+    EraseproText,
+}
+
 /// The `[harden]` table of a spec (defaults: the paper's, except where noted).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -56,7 +88,12 @@ pub struct HardenParams {
     pub lr: f64,
     pub attack_steps: usize,
     pub attack_lr: f64,
+    /// k, the attack's continuous tokens (the paper's `adv_prompt_num`; the name is kept from when the attack was
+    /// a prefix only).
     pub prefix_tokens: usize,
+    pub attack_type: AttackType,
+    pub attack_init: AttackInit,
+    pub start: Start,
     /// Signed-gradient inner steps (the paper's `fast_at`) instead of Adam.
     pub sign_attack: bool,
     pub retain_weight: f64,
@@ -79,6 +116,7 @@ pub struct HardenParams {
 impl Default for HardenParams {
     fn default() -> Self {
         Self { iterations: 1000, warmup: 200, lr: 1e-5, attack_steps: 30, attack_lr: 1e-3, prefix_tokens: 1,
+               attack_type: AttackType::Prefix, attack_init: AttackInit::Latest, start: Start::Original,
                sign_attack: false, retain_weight: 0.3, retain_batch: 5, layers: vec![], objective: None, eta: 1.0,
                images: 8, image_steps: 20, image_guidance: 7.5, seed: 0 }
     }
@@ -127,18 +165,38 @@ fn fill(template: &str, concept: &str) -> String {
     Spec::fill(template, concept)
 }
 
-/// Token embeddings `[1, max_length, d]` of `prompt` with `prefix` (`[1, k, d]`) after BOS (constants but `prefix`).
-fn with_prefix(sd: &StableDiffusion, prompt: &str, prefix: Option<&Tensor<3>>) -> Result<Tensor<3>> {
+/// Token embeddings `[1, max_length, d]` of `template` filled with `concept`, with the attack's tokens `adv`
+/// (`[1, k, d]`) placed as `kind` says (constants but `adv`); `None`: the plain prompt.
+fn attacked(sd: &StableDiffusion, template: &str, concept: &str, adv: Option<&Tensor<3>>, kind: AttackType)
+    -> Result<Tensor<3>> {
     let tok = &sd.tokenizer;
-    let k = prefix.map_or(0, |p| p.dims()[1]);
-    let mut content = tok.content_ids(prompt)?;
-    content.truncate(tok.max_length - 2 - k);
-    content.push(tok.eos);
-    content.resize(tok.max_length - 1 - k, tok.pad);
-    let mut parts = vec![embed_ids(sd, &[tok.bos])];
-    parts.extend(prefix.cloned());
-    parts.push(embed_ids(sd, &content));
+    let k = adv.map_or(0, |p| p.dims()[1]);
+    let (mut head, mut tail) = match (adv, kind) {
+        (Some(_), AttackType::Replace) => {
+            let (before, after) = template.split_once("{}").unwrap_or((template, ""));
+            (tok.content_ids(before)?, tok.content_ids(&Spec::fill(after, concept))?)
+        }
+        (Some(_), AttackType::Suffix) => (tok.content_ids(&fill(template, concept))?, vec![]),
+        _ => (vec![], tok.content_ids(&fill(template, concept))?),
+    };
+    // Cut what does not fit in front of EOS, the attack's tokens kept.
+    let room = tok.max_length - 2 - k;
+    head.truncate(room);
+    tail.truncate(room - head.len());
+    head.insert(0, tok.bos);
+    tail.push(tok.eos);
+    tail.resize(tok.max_length - head.len() - k, tok.pad);
+    let mut parts = vec![embed_ids(sd, &head)];
+    parts.extend(adv.cloned());
+    parts.push(embed_ids(sd, &tail));
     Ok(Tensor::cat(parts, 1))
+}
+
+/// The embeddings `[1, k, d]` of k tokens drawn uniformly from the vocabulary.
+fn random_tokens(sd: &StableDiffusion, k: usize, rng: &mut ChaCha8Rng) -> Tensor<3> {
+    let vocab = sd.text_encoder.token_embeddings().dims()[0];
+    let ids: Vec<u32> = (0..k).map(|_| rng.random_range(0..vocab) as u32).collect();
+    embed_ids(sd, &ids)
 }
 
 /// Trains `sd`'s text encoder as the spec and its `[harden]` table say, against `sd`'s UNet and the original
@@ -180,7 +238,19 @@ pub fn harden(sd: &StableDiffusion, spec: &Spec, progress: &mut dyn FnMut(&str, 
 
     // The trained copy: an autodiff fork with the embeddings (and the layers not trained) frozen.
     let trained_layers: Vec<usize> = if p.layers.is_empty() { (0..n_layers).collect() } else { p.layers.clone() };
-    let mut te = (*sd.text_encoder).clone().fork(&sd.dev().clone().autodiff()).train().set_require_grad(true);
+    let start = match p.start {
+        Start::Original => (*sd.text_encoder).clone(),
+        Start::EraseproText => {
+            progress("closed-form start (erasepro-text)", 0, 1);
+            let edit = super::erasepro_text::erasepro_text(sd, spec)?;
+            let mut work = sd.clone();
+            for delta in &edit.deltas {
+                super::matrices::apply_delta(&mut work, delta)?;
+            }
+            (*work.text_encoder).clone()
+        }
+    };
+    let mut te = start.fork(&sd.dev().clone().autodiff()).train().set_require_grad(true);
     te.text_model.embeddings = te.text_model.embeddings.no_grad();
     for (i, layer) in te.text_model.encoder.layers.iter_mut().enumerate() {
         if !trained_layers.contains(&i) {
@@ -190,18 +260,19 @@ pub fn harden(sd: &StableDiffusion, spec: &Spec, progress: &mut dyn FnMut(&str, 
     let mut optim = AdamConfig::new().with_epsilon(1e-8).init();
     let objective_fn = DenoisingLoss::new(sd)?;
     let base = &sd.text_encoder;
-    let d = te.hidden_size();
     let (uncond, _) = sd.encode_prompt("")?;
     let mse = |a: Tensor<4>, b: Tensor<4>| {
         let e = (a - b).cast(burn::tensor::DType::F32);
         (e.clone() * e).mean()
     };
     let (mut unlearn_log, mut retain_log) = (vec![], vec![]);
+    let mut latest: Option<Tensor<3>> = None;
     let t_train = Instant::now();
     for it in 0..p.iterations {
         check_cancelled(cancelled)?;
         let (item, template, x0) = &pool[rng.random_range(0..pool.len())];
-        let concept = fill(template, &spec.erase[*item].concept);
+        let concept_phrase = &spec.erase[*item].concept;
+        let concept = fill(template, concept_phrase);
         let t = objective_fn.random_timestep(&mut rng);
         let noised: Noised = objective_fn.noise(x0, t, &mut rng)?;
         let unet = |ctx: &Tensor<3>| sd.unet.forward(noised.x_t.clone(), t as f64, ctx);
@@ -220,17 +291,17 @@ pub fn harden(sd: &StableDiffusion, spec: &Spec, progress: &mut dyn FnMut(&str, 
         }.detach();
 
         // Inner attack on a plain snapshot of the current encoder: only δ is a leaf.
-        let prefix = if it >= p.warmup && p.attack_steps > 0 {
+        let adv = if it >= p.warmup && p.attack_steps > 0 {
             let snapshot = te.valid();
-            let jitter: Vec<f32> = (0..p.prefix_tokens * d).map(|_| 0.02f32 * Distribution::<f32>::sample(&StandardNormal, &mut rng)).collect();
-            let mut delta = Tensor::<3>::from_data(TensorData::new(jitter, [1, p.prefix_tokens, d]), sd.dev())
-                + embed_ids(sd, &[sd.tokenizer.content_ids("a")?.first().copied().unwrap_or(sd.tokenizer.pad)])
-                    .repeat_dim(1, p.prefix_tokens);
+            let mut delta = match (p.attack_init, latest.take()) {
+                (AttackInit::Latest, Some(previous)) => previous,
+                _ => random_tokens(sd, p.prefix_tokens, &mut rng),
+            };
             let adam = AdamConfig::new().with_epsilon(1e-8).build();
             let mut state = None;
             for _ in 0..p.attack_steps {
                 let var = leaf(delta.clone());
-                let ctx = snapshot.forward_embeds(with_prefix(sd, &concept, Some(&var))?);
+                let ctx = snapshot.forward_embeds(attacked(sd, template, concept_phrase, Some(&var), p.attack_type)?);
                 let loss = mse(unet(&ctx), eps_c.clone());
                 let g = gradient(&loss, &var)?;
                 if p.sign_attack {
@@ -240,13 +311,15 @@ pub fn harden(sd: &StableDiffusion, spec: &Spec, progress: &mut dyn FnMut(&str, 
                     (delta, state) = (next, s);
                 }
             }
-            Some(delta.detach().autodiff())
+            let delta = delta.detach();
+            latest = Some(delta.clone());
+            Some(delta.autodiff())
         } else {
             None
         };
 
         // Outer step on θ.
-        let ctx = te.forward_embeds(with_prefix(sd, &concept, prefix.as_ref())?.autodiff());
+        let ctx = te.forward_embeds(attacked(sd, template, concept_phrase, adv.as_ref(), p.attack_type)?.autodiff());
         let unlearn = mse(unet(&ctx), target);
         let mut loss = unlearn.clone();
         let mut retain_value = 0.0;
