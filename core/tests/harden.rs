@@ -38,7 +38,10 @@ fn hidden(e: &Engine) -> Vec<f32> {
 fn hardening_trains_the_chosen_layers_only_and_round_trips() {
     let mut e = engine(None).unwrap();
     let base = e.model().text_encoder.clone();
-    let report = e.harden(&spec(HardenParams { layers: vec![1], ..small() }), &mut |_, _, _| {}, &|| false).unwrap();
+    // All warm-up (no inner attack): the loss is then the plain prompts', comparable from start to end (a
+    // persistent attack grows stronger as the run goes on).
+    let p = HardenParams { layers: vec![1], warmup: 20, ..small() };
+    let report = e.harden(&spec(p), &mut |_, _, _| {}, &|| false).unwrap();
     assert!(report.unlearn_loss.1 < report.unlearn_loss.0, "the unlearning loss falls: {:?}", report.unlearn_loss);
     let te = &e.model().text_encoder;
     let vals = |t: burn::tensor::Tensor<2>| unsee::tensor::to_f32_vec(t).unwrap();
@@ -108,4 +111,70 @@ fn the_harden_table_parses_with_line_numbers() {
     assert_eq!((h.iterations, h.layers.clone(), h.warmup), (50, vec![0, 1], 200));
     let bad = Spec::parse_inline(&format!("{text}\n[harden]\niteratons = 50\n")).unwrap_err().to_string();
     assert!(bad.contains("iteratons"), "{bad}");
+}
+
+/// The inner attack's k tokens go in front of the prompt, after it, or in place of the concept phrase.
+#[test]
+fn the_attack_goes_where_attack_type_says() {
+    use unsee::erase::attack::loss::embed_ids;
+    use unsee::erase::harden::{AttackType, attacked};
+    let e = engine(None).unwrap();
+    let sd = e.model();
+    let ids = |prompt: &str| sd.tokenizer.encode(prompt).unwrap().ids;
+    let values = |t: burn::tensor::Tensor<3>| unsee::tensor::to_f32_vec(t).unwrap();
+    // Two known tokens as the attack's embeddings, so each placement equals a typed prompt.
+    let words = sd.tokenizer.content_ids("big green").unwrap();
+    assert_eq!(words.len(), 2);
+    let adv = embed_ids(sd, &words);
+    for (kind, typed) in [(AttackType::Prefix, "big green an image of a red circle"),
+                          (AttackType::Suffix, "an image of a red circle big green"),
+                          (AttackType::Replace, "an image of a big green")] {
+        let got = attacked(sd, "an image of a {}", "red circle", Some(&adv), kind).unwrap();
+        assert_eq!(values(got), values(embed_ids(sd, &ids(typed))), "{kind:?}");
+    }
+    let plain = attacked(sd, "an image of a {}", "red circle", None, AttackType::Replace).unwrap();
+    assert_eq!(values(plain), values(embed_ids(sd, &ids("an image of a red circle"))));
+}
+
+/// `start = "erasepro-text"`: training starts from the closed-form edit, so an (almost) untrained result is the
+/// encoder `unsee erase` makes with `method = "erasepro-text"` and the same spec.
+#[test]
+fn hardening_can_start_from_the_closed_form_edit() {
+    use unsee::erase::harden::Start;
+    use unsee::erase::spec::Method;
+    let fc2 = |e: &Engine| -> Vec<f32> {
+        e.model().text_encoder.text_model.encoder.layers.iter()
+            .flat_map(|l| unsee::tensor::to_f32_vec(l.mlp.fc2.weight.val()).unwrap()).collect()
+    };
+    let base = fc2(&engine(None).unwrap());
+    let mut closed_form = engine(None).unwrap();
+    closed_form.erase(&spec(small()).with_method(Method::EraseproText), None).unwrap();
+    let edited = fc2(&closed_form);
+    let gap = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(gap(&edited, &base) > 1e-3, "the closed-form edit changes fc2");
+    for (start, from) in [(Start::Original, &base), (Start::EraseproText, &edited)] {
+        let mut e = engine(None).unwrap();
+        // One Adam step of 1e-9 moves each weight by at most ~1e-9.
+        let p = HardenParams { iterations: 1, warmup: 1, lr: 1e-9, start, ..small() };
+        e.harden(&spec(p), &mut |_, _, _| {}, &|| false).unwrap();
+        let got = fc2(&e);
+        assert!(gap(&got, from) < 1e-6, "{start:?}: {} from where it should start", gap(&got, from));
+    }
+}
+
+#[test]
+fn the_attack_options_parse_and_bad_ones_are_refused() {
+    use unsee::erase::harden::{AttackInit, AttackType, Start};
+    let text = std::fs::read_to_string(repo().join("models/specs/shapes-circle.toml")).unwrap()
+        .replace("templates = \"shapes-templates.txt\"", "");
+    let ok = Spec::parse_inline(&format!("{text}\n[harden]\nattack_type = \"replace\"\nattack_init = \"random\"\n\
+                                          start = \"erasepro-text\"\n")).unwrap();
+    let h = ok.harden.unwrap();
+    assert_eq!((h.attack_type, h.attack_init, h.start), (AttackType::Replace, AttackInit::Random, Start::EraseproText));
+    let d = HardenParams::default();
+    assert_eq!((d.attack_type, d.attack_init, d.start), (AttackType::Prefix, AttackInit::Latest, Start::Original));
+    for bad in ["attack_type = \"middle\"", "attack_init = \"best\"", "start = \"uce\""] {
+        let err = Spec::parse_inline(&format!("{text}\n[harden]\n{bad}\n")).unwrap_err().to_string();
+        assert!(err.contains(bad.split(" = ").nth(1).unwrap().trim_matches('"')), "{bad}: {err}");
+    }
 }

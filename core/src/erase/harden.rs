@@ -167,7 +167,7 @@ fn fill(template: &str, concept: &str) -> String {
 
 /// Token embeddings `[1, max_length, d]` of `template` filled with `concept`, with the attack's tokens `adv`
 /// (`[1, k, d]`) placed as `kind` says (constants but `adv`); `None`: the plain prompt.
-fn attacked(sd: &StableDiffusion, template: &str, concept: &str, adv: Option<&Tensor<3>>, kind: AttackType)
+pub fn attacked(sd: &StableDiffusion, template: &str, concept: &str, adv: Option<&Tensor<3>>, kind: AttackType)
     -> Result<Tensor<3>> {
     let tok = &sd.tokenizer;
     let k = adv.map_or(0, |p| p.dims()[1]);
@@ -242,7 +242,10 @@ pub fn harden(sd: &StableDiffusion, spec: &Spec, progress: &mut dyn FnMut(&str, 
         Start::Original => (*sd.text_encoder).clone(),
         Start::EraseproText => {
             progress("closed-form start (erasepro-text)", 0, 1);
-            let edit = super::erasepro_text::erasepro_text(sd, spec)?;
+            let closed_form = spec.with_method(super::spec::Method::EraseproText);
+            closed_form.validate()?;
+            let edit = super::erasepro_text::erasepro_text(sd, &closed_form)?;
+            tracing::info!("harden starts from the erasepro-text edit ({} layers)", edit.deltas.len());
             let mut work = sd.clone();
             for delta in &edit.deltas {
                 super::matrices::apply_delta(&mut work, delta)?;

@@ -464,6 +464,14 @@ impl Spec {
         Ok(spec)
     }
 
+    /// This spec's concepts, replacements, templates, preserve prompts and `[harden]` table with `method` and its
+    /// published defaults for everything else.
+    pub fn with_method(&self, method: Method) -> Spec {
+        Spec { templates: self.templates.clone(), templates_name: self.templates_name.clone(),
+               preserve: self.preserve.clone(), erase: self.erase.clone(), harden: self.harden.clone(),
+               ..Spec::defaults(method) }
+    }
+
     /// `method`'s published defaults (see `../shared/reference/erasure-methods.md` and README), with no concepts.
     fn defaults(method: Method) -> Spec {
         let (targets, lambda, token_mode, pin_unconditional): (&[&str], f64, TokenMode, bool) = match method {
