@@ -368,11 +368,17 @@ impl Engine {
         self.model.decode_rgba_into(latents, out)
     }
 
+    /// The refusal [`erase`](Self::erase) would give on this engine whatever the spec (guarded, low memory), so a
+    /// front end that erases after other work can refuse before doing it.
+    pub fn check_can_erase(&self) -> Result<()> {
+        self.refuse_if_guarded("further erasures (only those baked into its bundle apply)")?;
+        self.refuse_if_low_memory("erasing")
+    }
+
     /// Computes the edit `spec` describes on the model in use, applies it, and (if `save_to` is given) writes it
     /// as an erasure file. On error nothing is applied.
     pub fn erase(&mut self, spec: &Spec, save_to: Option<&Path>) -> Result<Edit> {
-        self.refuse_if_guarded("further erasures (only those baked into its bundle apply)")?;
-        self.refuse_if_low_memory("erasing")?;
+        self.check_can_erase()?;
         let mut edited = self.model.clone();
         let edit = crate::erase::erase(&mut edited, spec)?;
         if let Some(path) = save_to {

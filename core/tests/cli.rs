@@ -144,6 +144,11 @@ fn low_memory_draws_the_same_image_and_refuses_what_needs_every_network() {
     fails_with(&["erase", "--low-memory", "--spec", spec.to_str().unwrap(), "--out",
                  d.join("e.safetensors").to_str().unwrap()], "low-memory");
     assert!(!d.join("e.safetensors").exists());
+    // `grid --spec` refuses before drawing its first row.
+    let err = fails_with(&["grid", "--low-memory", "--device", "cpu", "--prompt", "a red circle", "--steps", "2",
+                           "--spec", spec.to_str().unwrap(), "--out", d.join("g.png").to_str().unwrap()], "low-memory");
+    assert!(!err.contains("row 1"), "drew before refusing:\n{err}");
+    assert!(!d.join("g.png").exists());
 }
 
 #[test]

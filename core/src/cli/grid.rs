@@ -78,6 +78,10 @@ pub fn run(a: Args) -> Result<()> {
     }
     let spec = a.spec.as_deref().map(Spec::from_file).transpose()?;
     let mut engine = a.model.open()?;
+    if spec.is_some() {
+        // Refused before the first row is drawn, not after it.
+        engine.check_can_erase()?;
+    }
     let cells: Vec<(&String, u64)> = a.prompts.iter().flat_map(|p| (0..a.seeds).map(move |s| (p, s))).collect();
     let mut models = vec![];
     for r in 0..1 + usize::from(spec.is_some()) {
