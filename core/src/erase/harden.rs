@@ -6,16 +6,18 @@
 //! into any UNet that shares the tokenizer and width) is trained against the frozen UNet ε and the frozen original
 //! encoder τ₀, alternating
 //!
-//! - an **inner attack** (after `warmup` iterations): a continuous prefix δ of `prefix_tokens` embeddings put in
-//!   front of the concept prompt c, `attack_steps` of Adam (or signed-gradient, `sign_attack`) on
-//!   min_δ ‖ε(x_t, t, τ_θ([δ, c])) − ε(x_t, t, τ₀(c))‖² — the prefix that makes the current encoder show the
-//!   concept again;
+//! - an **inner attack** (after `warmup` iterations): k = `prefix_tokens` continuous token embeddings δ put in
+//!   front of the concept prompt c, after it, or in place of the concept phrase ([`AttackType`]), `attack_steps`
+//!   of Adam (or signed-gradient, `sign_attack`) on min_δ ‖ε(x_t, t, τ_θ(c ⊕ δ)) − ε(x_t, t, τ₀(c))‖² — the
+//!   tokens that make the current encoder show the concept again — each attack starting from the last one's δ
+//!   (the paper code's `attack_init = latest`) or from random vocabulary tokens;
 //! - an **outer step** on θ: min_θ ‖ε(x_t, t, τ_θ([δ, c])) − y‖² + w · ‖ε(x_t, t, τ_θ(p)) − ε(x_t, t, τ₀(p))‖²,
 //!   with y the spec's replacement r, ε(x_t, t, τ₀(r)) (All-but-One style, the default when the spec names one),
 //!   or ESD's negative guidance ε(x_t, ∅) − η(ε(x_t, c) − ε(x_t, ∅)) (`objective = "esd"`), and p drawn from the
 //!   spec's preserve prompts (the retain set, weight w).
 //!
-//! x_t are the spec's concept prompts drawn by the base model, noised to a uniformly drawn timestep. The training
+//! x_t are the spec's concept prompts drawn by the base model, noised to a uniformly drawn timestep. θ starts from
+//! τ₀ or from τ₀ after the closed-form `erasepro-text` edit of the same spec ([`Start`]). The training
 //! attack (continuous prefix) is deliberately not the evaluation attack: `unsee attack` judges the result with
 //! typed prompts, textual inversion and compositions.
 
