@@ -14,7 +14,7 @@
 //! - an **outer step** on θ: min_θ ‖ε(x_t, t, τ_θ([δ, c])) − y‖² + w · ‖ε(x_t, t, τ_θ(p)) − ε(x_t, t, τ₀(p))‖²,
 //!   with y the spec's replacement r, ε(x_t, t, τ₀(r)) (All-but-One style, the default when the spec names one),
 //!   or ESD's negative guidance ε(x_t, ∅) − η(ε(x_t, c) − ε(x_t, ∅)) (`objective = "esd"`), and p drawn from the
-//!   spec's preserve prompts (the retain set, weight w).
+//!   spec's preserve prompts (the retain set, weight w), each at its own picture x_t (the paper's `retain_z`).
 //!
 //! x_t are the spec's concept prompts drawn by the base model, noised to a uniformly drawn timestep. θ starts from
 //! τ₀ or from τ₀ after the closed-form `erasepro-text` edit of the same spec ([`Start`]). The training
@@ -101,6 +101,9 @@ pub struct HardenParams {
     pub retain_weight: f64,
     /// Preserve prompts per outer step.
     pub retain_batch: usize,
+    /// Preserve-prompt images drawn by the base model (the retain x₀ pool: the paper noises retain prompts' own
+    /// pictures, `retain_z`, not the concept's), the preserve prompts in turn on the spec's templates.
+    pub retain_images: usize,
     /// Encoder layers trained (empty = all, as AdvUnlearn's `text_encoder_full`); the final layer norm is trained
     /// with them.
     pub layers: Vec<usize>,
@@ -119,7 +122,8 @@ impl Default for HardenParams {
     fn default() -> Self {
         Self { iterations: 1000, warmup: 200, lr: 1e-5, attack_steps: 30, attack_lr: 1e-3, prefix_tokens: 1,
                attack_type: AttackType::Prefix, attack_init: AttackInit::Latest, start: Start::Original,
-               sign_attack: false, retain_weight: 0.3, retain_batch: 5, layers: vec![], objective: None, eta: 1.0,
+               sign_attack: false, retain_weight: 0.3, retain_batch: 5, retain_images: 32,
+               layers: vec![], objective: None, eta: 1.0,
                images: 8, image_steps: 20, image_guidance: 7.5, seed: 0 }
     }
 }
@@ -134,6 +138,7 @@ impl HardenParams {
         count("attack_steps", self.attack_steps, 0, 1000)?;
         count("prefix_tokens", self.prefix_tokens, 1, 20)?;
         count("retain_batch", self.retain_batch, 0, 64)?;
+        count("retain_images", self.retain_images, 1, 10_000)?;
         count("images", self.images, 1, 10_000)?;
         count("image_steps", self.image_steps, 1, 1000)?;
         for (name, v, hi) in [("lr", self.lr, 1.0), ("attack_lr", self.attack_lr, 10.0), ("eta", self.eta, 100.0),
@@ -236,6 +241,20 @@ pub fn harden(sd: &StableDiffusion, spec: &Spec, progress: &mut dyn FnMut(&str, 
                             &mut |_| Control::Continue, Target::Latents)?;
         pool.push((item, template.clone(), g.latents));
     }
+    // The retain x₀ pool: preserve prompts drawn the same way.
+    let mut retain_pool = vec![];
+    let retain_images = if p.retain_batch > 0 && p.retain_weight > 0.0 { p.retain_images } else { 0 };
+    for k in 0..if spec.preserve.is_empty() { 0 } else { retain_images } {
+        check_cancelled(cancelled)?;
+        progress("preserve images", k, retain_images);
+        let template = &spec.templates[(k / spec.preserve.len()) % spec.templates.len()];
+        let prompt = fill(template, &spec.preserve[k % spec.preserve.len()]);
+        let req = GenerateRequest { prompt: prompt.clone(), steps: p.image_steps, guidance: p.image_guidance,
+                                    seed: p.seed.wrapping_add(20_000 + k as u64), ..Default::default() };
+        let g = sd.generate(&req, Inputs { cancelled: Some(cancelled), ..Default::default() },
+                            &mut |_| Control::Continue, Target::Latents)?;
+        retain_pool.push((prompt, g.latents));
+    }
     let images_s = t_images.elapsed().as_secs_f64();
 
     // The trained copy: an autodiff fork with the embeddings (and the layers not trained) frozen.
@@ -328,13 +347,16 @@ pub fn harden(sd: &StableDiffusion, spec: &Spec, progress: &mut dyn FnMut(&str, 
         let unlearn = mse(unet(&ctx), target);
         let mut loss = unlearn.clone();
         let mut retain_value = 0.0;
-        if p.retain_batch > 0 && p.retain_weight > 0.0 && !spec.preserve.is_empty() {
+        if !retain_pool.is_empty() {
             let mut retain = None;
             for _ in 0..p.retain_batch {
-                let prompt = fill(template, &spec.preserve[rng.random_range(0..spec.preserve.len())]);
-                let ids = crate::tensor::token_ids(&sd.tokenizer.encode(&prompt)?.ids, sd.dev());
-                let want = unet(&base.forward(ids.clone())).detach();
-                let got = unet(&te.forward_embeds(embed_ids(sd, &sd.tokenizer.encode(&prompt)?.ids).autodiff()));
+                // A preserve prompt's own picture, noised to the same timestep.
+                let (prompt, x0) = &retain_pool[rng.random_range(0..retain_pool.len())];
+                let noised = objective_fn.noise(x0, t, &mut rng)?;
+                let unet = |ctx: &Tensor<3>| sd.unet.forward(noised.x_t.clone(), t as f64, ctx);
+                let ids = sd.tokenizer.encode(prompt)?.ids;
+                let want = unet(&base.forward(crate::tensor::token_ids(&ids, sd.dev()))).detach();
+                let got = unet(&te.forward_embeds(embed_ids(sd, &ids).autodiff()));
                 let l = mse(got, want) / p.retain_batch as f64;
                 retain = Some(match retain { None => l, Some(r) => r + l });
             }
