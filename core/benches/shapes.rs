@@ -19,7 +19,8 @@
 //!    the optimised typed-prompt attack (UNSEE_SHAPES_ATTACK_RUNS runs, default 12; budget
 //!    UNSEE_SHAPES_ATTACK_TIMESTEPS × UNSEE_SHAPES_ATTACK_ITERATIONS, default 10 × 20, 5 prefix tokens), a control
 //!    with random prefixes, and textual inversion (UNSEE_SHAPES_INVERSION_STEPS, default 300, on 8 target images,
-//!    judged on the same number of generations); "" skips the table.
+//!    judged on the same number of generations; UNSEE_SHAPES_ATTACK_SEED, default 0, moves every seed of the
+//!    attacks and their judged pictures); "" skips the table.
 //!
 //! Hardened text encoders (issue #13): UNSEE_SHAPES_HARDENED="0=FILE,1=FILE" (erasure index = a `text_encoder`
 //! folder or delta file from `unsee harden`) adds rows "harden" (the encoder swapped in) and "harden + uce" (UCE
@@ -117,7 +118,8 @@ fn main() {
         return;
     }
     let mut budget = AttackBudget { runs: env("UNSEE_SHAPES_ATTACK_RUNS", 12), prompt: Default::default(),
-                                    inversion: Default::default(), inversion_targets: 8 };
+                                    inversion: Default::default(), inversion_targets: 8,
+                                    seed: env("UNSEE_SHAPES_ATTACK_SEED", 0) };
     budget.prompt.timesteps = env("UNSEE_SHAPES_ATTACK_TIMESTEPS", 10);
     budget.prompt.iterations = env("UNSEE_SHAPES_ATTACK_ITERATIONS", 20);
     budget.inversion.steps = env("UNSEE_SHAPES_INVERSION_STEPS", 300);

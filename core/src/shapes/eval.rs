@@ -383,6 +383,9 @@ pub struct AttackBudget {
     pub prompt: crate::erase::attack::prompt::PromptAttackConfig,
     pub inversion: crate::erase::attack::inversion::InversionConfig,
     pub inversion_targets: usize,
+    /// First seed of the attacked generations and of the attacks' own randomness (`AttackOptions::seed`; 0 in the
+    /// tables): another value measures the same attacks on other pictures.
+    pub seed: u64,
 }
 
 /// One line of the attack table: an erasure (or none: `method` = "none", the base model) under the optimised-prompt
@@ -436,6 +439,7 @@ pub fn attack_model_row(base: &StableDiffusion, erasure: &Erasure, sd: &StableDi
     let mut o = AttackOptions::new(AttackMethod::Prompt, HELD_OUT_TEMPLATES.iter().map(|t| t.to_string()).collect());
     (o.runs, o.steps, o.guidance, o.rewrite) = (b.runs, s.steps, s.guidance, Some(super::article as fn(&str) -> String));
     (o.prompt, o.inversion, o.inversion_targets) = (b.prompt.clone(), b.inversion.clone(), b.inversion_targets);
+    o.seed = b.seed;
     let never = || false;
     let prompt = run(base, &sd, &spec, &o, Some(&judge), &mut |_, _, _| {}, &never)?;
     let share = |hits: usize, of: usize| Share { hits, of };
