@@ -17,8 +17,8 @@
 //!   spec's preserve prompts (the retain set, weight w), each at its own picture x_t (the paper's `retain_z`).
 //!
 //! x_t are the spec's concept prompts drawn by the base model, noised to a uniformly drawn timestep. θ starts from
-//! τ₀ or from τ₀ after the closed-form `erasepro-text` edit of the same spec ([`Start`]). The training
-//! attack (continuous prefix) is deliberately not the evaluation attack: `unsee attack` judges the result with
+//! τ₀ or from τ₀ after the closed-form `erasepro-text` edit of the same spec ([`Start`]). The training attack
+//! (continuous tokens) is deliberately not the evaluation attack: `unsee attack` judges the result with
 //! typed prompts, textual inversion and compositions.
 
 use std::time::Instant;
