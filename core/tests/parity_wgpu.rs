@@ -163,8 +163,9 @@ fn quantized_bundles_draw_on_wgpu_what_they_draw_on_the_cpu() {
         assert!(err <= 1e-3, "{} bundle: CPU vs wgpu latents differ by {err}", quant.name());
         let read = |e: &Engine| {
             let g = draw(e, Target::Rgba);
+            // What the oracle reads (shape and colour of each object), not its float measurements.
             let mut found = unsee::shapes::analyse(&g.rgba, g.width, g.height, 4)
-                .into_iter().map(|d| format!("{d:?}")).collect::<Vec<_>>();
+                .into_iter().map(|d| format!("{:?} {:?}", d.colour, d.shape)).collect::<Vec<_>>();
             found.sort();
             found
         };
