@@ -228,18 +228,20 @@ pub fn harden(sd: &StableDiffusion, spec: &Spec, progress: &mut dyn FnMut(&str, 
     let t_images = Instant::now();
 
     // The x₀ pool: concept prompts on the spec's templates, drawn by the (frozen) model.
+    // One base-model picture (latents) of `prompt`, as the pools below draw them.
+    let draw = |prompt: String, seed: u64| -> Result<Tensor<4>> {
+        let req = GenerateRequest { prompt, steps: p.image_steps, guidance: p.image_guidance, seed, ..Default::default() };
+        Ok(sd.generate(&req, Inputs { cancelled: Some(cancelled), ..Default::default() },
+                       &mut |_| Control::Continue, Target::Latents)?.latents)
+    };
     let mut pool = vec![];
     for k in 0..p.images {
         check_cancelled(cancelled)?;
         progress("concept images", k, p.images);
         let item = k % spec.erase.len();
         let template = &spec.templates[(k / spec.erase.len()) % spec.templates.len()];
-        let req = GenerateRequest { prompt: fill(template, &spec.erase[item].concept), steps: p.image_steps,
-                                    guidance: p.image_guidance, seed: p.seed.wrapping_add(10_000 + k as u64),
-                                    ..Default::default() };
-        let g = sd.generate(&req, Inputs { cancelled: Some(cancelled), ..Default::default() },
-                            &mut |_| Control::Continue, Target::Latents)?;
-        pool.push((item, template.clone(), g.latents));
+        let x0 = draw(fill(template, &spec.erase[item].concept), p.seed.wrapping_add(10_000 + k as u64))?;
+        pool.push((item, template.clone(), x0));
     }
     // The retain x₀ pool: preserve prompts drawn the same way.
     let mut retain_pool = vec![];
@@ -249,11 +251,8 @@ pub fn harden(sd: &StableDiffusion, spec: &Spec, progress: &mut dyn FnMut(&str, 
         progress("preserve images", k, retain_images);
         let template = &spec.templates[(k / spec.preserve.len()) % spec.templates.len()];
         let prompt = fill(template, &spec.preserve[k % spec.preserve.len()]);
-        let req = GenerateRequest { prompt: prompt.clone(), steps: p.image_steps, guidance: p.image_guidance,
-                                    seed: p.seed.wrapping_add(20_000 + k as u64), ..Default::default() };
-        let g = sd.generate(&req, Inputs { cancelled: Some(cancelled), ..Default::default() },
-                            &mut |_| Control::Continue, Target::Latents)?;
-        retain_pool.push((prompt, g.latents));
+        let x0 = draw(prompt.clone(), p.seed.wrapping_add(20_000 + k as u64))?;
+        retain_pool.push((prompt, x0));
     }
     let images_s = t_images.elapsed().as_secs_f64();
 
