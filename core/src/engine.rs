@@ -554,7 +554,7 @@ impl Engine {
             }),
             ("vae".to_string(), match sd.vae.get() {
                 Some(m) => m.num_params(),
-                None => crate::vae::AutoencoderKL::new(&sd.vae_config, dev)?.num_params(),
+                None => crate::load::new_vae(&sd.vae_config, dev, sd.bundle.as_deref())?.num_params(),
             }),
         ]);
         let mut files = BTreeMap::new();

@@ -215,10 +215,21 @@ pub fn load_unet(path: &Path, device: &SelectedDevice) -> Result<(UNet2DConditio
 pub fn load_vae(path: &Path, device: &SelectedDevice) -> Result<(AutoencoderKL, VaeConfig)> {
     let (dir, bundle) = folder_alone(path)?;
     let cfg: VaeConfig = read_config(&dir, "vae", "config.json")?;
-    let mut vae = AutoencoderKL::new(&cfg, &device.device)?;
+    let mut vae = new_vae(&cfg, &device.device, bundle.as_ref())?;
     let file = component_weights(&dir, "vae", "diffusion_pytorch_model")?;
     load_weights(&mut vae, "vae", &file, device, bundle.as_ref())?;
     Ok((vae, cfg))
+}
+
+/// The VAE module a model's weights go into: decoder-only when the bundle's manifest says its VAE is (a file that
+/// disagrees with its manifest is then refused by name: missing or unexpected tensors).
+pub(crate) fn new_vae(cfg: &VaeConfig, dev: &burn::tensor::Device, bundle: Option<&crate::bundle::Verified>)
+    -> Result<AutoencoderKL> {
+    if bundle.is_some_and(|b| b.manifest.components.get("vae").is_some_and(|c| c.decoder_only)) {
+        AutoencoderKL::decoder_only(cfg, dev)
+    } else {
+        AutoencoderKL::new(cfg, dev)
+    }
 }
 
 /// A diffusers folder (and its bundle manifest, checked without a signature, when it is one) for loading one
@@ -343,7 +354,7 @@ impl StableDiffusion {
                             unet = Net::new(m);
                         }
                         "vae" if parts.vae => {
-                            let mut m = AutoencoderKL::new(&vae_config, dev)?;
+                            let mut m = new_vae(&vae_config, dev, bundle.as_deref())?;
                             load_weights(&mut m, component, &file, &device, bundle.as_deref())?;
                             vae = Net::new(m);
                         }

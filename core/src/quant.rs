@@ -3,8 +3,9 @@
 //!
 //! # What is quantized (the rule)
 //! - **Quantized**: the weight of every `Linear` (rank 2, `[out, in]`) and `Conv2d` (rank 4, `[out, in, kh, kw]`)
-//!   whose input-channel count is a multiple of 32, in blocks of 32 consecutive input channels (for a conv, at
-//!   each kernel position), with one scale per block: symmetric int8 (±127) or int4 (±7).
+//!   whose input-channel count is a multiple of 32: symmetric int8 (±127) with one scale per output channel (for a
+//!   conv, per output channel and kernel position), or int4 (±7) with one scale per block of 32 consecutive input
+//!   channels (for a conv, at each kernel position).
 //! - **Never quantized** (f16, "exact"): the UNet's cross-attention `attn2.to_k` / `attn2.to_v`. These are the
 //!   matrices the closed-form erasures (UCE, TIME, RECE, SPEED, ErasePro) edit: keeping them in floating point
 //!   keeps an erasure baked into a bundle the computed one (to f16 rounding), and keeps erasure files applicable
@@ -13,17 +14,25 @@
 //! - **f16**: everything else: norms, biases, the token and position embeddings, convolutions whose input
 //!   channels are not a multiple of 32 (the UNet's and VAE's 4-channel `conv_in`/`conv_out`… ).
 //!
-//! # File format (`unsee-quantized`, version 1)
+//! # File format (`unsee-quantized`, version 2)
 //! A safetensors file with the component's diffusers key names, and `__metadata__`
-//! `{"format": "unsee-quantized", "version": "1", "quant": "int8"|"int4"|"f16", "block": "32"}`.
-//! A quantized weight `K` of PyTorch shape `[out, in, …]` is two tensors:
+//! `{"format": "unsee-quantized", "version": "2", "quant": "int8"|"int4"|"f16", "block": "32",
+//! "scales": "channel"|"block-u8"}` (no `scales` in an f16 file). A quantized weight `K` of PyTorch shape
+//! `[out, in, …]` is stored as:
 //! - `K`: int8 → dtype `I8`, the same shape; int4 → dtype `U8`, shape `[out, in/2, …]`: input channels `2c`
 //!   (low nibble) and `2c+1` (high nibble) in one byte, each a 4-bit two's-complement value in −7..=7;
-//! - `K.qscale`: dtype `F16`, shape `[out, in/32, …]`: the scale of each block; the weight is `scale × q`.
+//! - int8 (`"scales": "channel"`): `K.qscale`, `F16` `[out, 1, …]`: one scale per output channel (and kernel
+//!   position); the weight is `scale × q`;
+//! - int4 (`"scales": "block-u8"`): `K.qscale`, `U8` `[out, in/32, …]`, and `K.qscale_row`, `F16` `[out, 1, …]`:
+//!   the scale of a block of 32 input channels is `row × qscale / 255` (computed in f32; the row scale is the
+//!   row's largest block scale, each block's rounded up to the next 1/255 of it), the weight `scale × q`.
 //!
-//! Any safetensors reader can load it (e.g. Python: `w = q.float() * scale.float().repeat_interleave(32, 1)`).
-//! burn's own quantized storage (`.bpk`) was not used because its reader cannot hash what it reads, and the
-//! safetensors writer of burn-store refuses quantized tensors.
+//! Version 1 (still read, no longer written) had `"scales"` absent and `K.qscale` `F16` `[out, in/32, …]` for both
+//! (`"block"` storage, [`Scales::Block`]). Per-channel int8 and u8 block scales for int4 make the files 5 % (int8)
+//! and 4 % (int4) smaller than f16 block scales; every format is read by the same code.
+//! Any safetensors reader can load it (e.g. Python, int4: `s = row.float() * qscale.float() / 255`,
+//! `w = q.float() * s.repeat_interleave(32, 1)`). burn's own quantized storage (`.bpk`) was not used because its
+//! reader cannot hash what it reads, and the safetensors writer of burn-store refuses quantized tensors.
 //!
 //! # In memory
 //! Quantized weights stay quantized: they become burn `QFloat` tensors (`QuantValue::Q8S` / `Q4S`, block
@@ -51,8 +60,11 @@ use crate::weights::{OwnedTensor, Precision};
 /// Input channels per block.
 pub const BLOCK: usize = 32;
 pub const FORMAT: &str = "unsee-quantized";
-pub const VERSION: &str = "1";
+/// The version written; version 1 files (every scale an f16 per block: [`Scales::Block`]) are still read.
+pub const VERSION: &str = "2";
 pub const SCALE_SUFFIX: &str = ".qscale";
+/// The per-row f16 scale of [`Scales::BlockU8`].
+pub const ROW_SCALE_SUFFIX: &str = ".qscale_row";
 /// A component file's safetensors header may not exceed this (SD-1.5's UNet header is ~100 KB).
 const MAX_HEADER: u64 = 64 * 1024 * 1024;
 
@@ -73,6 +85,13 @@ impl Quant {
             Quant::Int4 => "int4",
         }
     }
+    /// How this quantization's scales are written ([`Scales`]).
+    pub fn scales(self) -> Scales {
+        match self {
+            Quant::Int4 => Scales::BlockU8,
+            _ => Scales::Channel,
+        }
+    }
     /// Largest quantized magnitude.
     fn qmax(self) -> f32 {
         match self {
@@ -91,6 +110,32 @@ impl std::str::FromStr for Quant {
             "int4" | "q4" => Ok(Quant::Int4),
             _ => Err(format!("unknown quantization {s:?} (int8, int4 or f16)")),
         }
+    }
+}
+
+/// How a quantized weight's scales are stored (`__metadata__` `"scales"`; see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scales {
+    /// One f16 scale per block of 32 input channels: `K.qscale` F16 `[out, in/32, …]` (version 1; no longer
+    /// written).
+    Block,
+    /// One f16 scale per output channel (and kernel position): `K.qscale` F16 `[out, 1, …]` (int8).
+    Channel,
+    /// One scale per block of 32 input channels, stored as a u8 fraction of its row's: `K.qscale` U8
+    /// `[out, in/32, …]` and `K.qscale_row` F16 `[out, 1, …]`; scale = row × qscale / 255 (int4).
+    BlockU8,
+}
+
+impl Scales {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scales::Block => "block",
+            Scales::Channel => "channel",
+            Scales::BlockU8 => "block-u8",
+        }
+    }
+    fn parse(s: &str) -> Option<Self> {
+        [Scales::Block, Scales::Channel, Scales::BlockU8].into_iter().find(|x| x.name() == s)
     }
 }
 
@@ -132,6 +177,13 @@ pub struct Counts {
 /// The parameters of `module` (PyTorch layout and names) in `quant`'s storage, ready for
 /// [`crate::weights::write_safetensors`] with [`metadata`].
 pub fn quantize_module<M: ModuleSnapshot>(module: &M, quant: Quant) -> Result<(Vec<OwnedTensor>, Counts)> {
+    quantize_module_as(module, quant, quant.scales())
+}
+
+/// [`quantize_module`] with the scales stored as `kind` ([`Scales::Block`]: a version-1 file, with
+/// [`metadata_as`]).
+pub(crate) fn quantize_module_as<M: ModuleSnapshot>(module: &M, quant: Quant, kind: Scales)
+    -> Result<(Vec<OwnedTensor>, Counts)> {
     let mut out = vec![];
     let mut counts = Counts::default();
     for t in module.collect(None, Some(Box::new(burn::store::BurnToPyTorchAdapter)), true) {
@@ -144,9 +196,7 @@ pub fn quantize_module<M: ModuleSnapshot>(module: &M, quant: Quant) -> Result<(V
         }
         match (storage(&name, &shape), quant) {
             (Storage::Quantized, Quant::Int8 | Quant::Int4) => {
-                let (q, scales) = quantize(&values, &shape, quant);
-                let mut scale_shape = shape.clone();
-                scale_shape[1] /= BLOCK;
+                let (q, _, stored) = quantize(&values, &shape, quant, kind);
                 let mut q_shape = shape.clone();
                 if quant == Quant::Int4 {
                     q_shape[1] /= 2;
@@ -156,8 +206,9 @@ pub fn quantize_module<M: ModuleSnapshot>(module: &M, quant: Quant) -> Result<(V
                     _ => (Dtype::I8, q.iter().map(|&v| v as u8).collect()),
                 };
                 counts.quantized += values.len();
-                out.push(OwnedTensor { name: format!("{name}{SCALE_SUFFIX}"), dtype: Dtype::F16, shape: scale_shape,
-                                       bytes: scales.iter().flat_map(|s| s.to_le_bytes()).collect() });
+                for (suffix, dtype, shape, bytes) in stored {
+                    out.push(OwnedTensor { name: format!("{name}{suffix}"), dtype, shape, bytes });
+                }
                 out.push(OwnedTensor { name, dtype, shape: q_shape, bytes });
             }
             (storage, _) => {
@@ -176,12 +227,19 @@ pub fn quantize_module<M: ModuleSnapshot>(module: &M, quant: Quant) -> Result<(V
 
 /// The `__metadata__` of a component file in `quant`'s storage.
 pub fn metadata(quant: Quant) -> HashMap<String, String> {
-    HashMap::from([
+    metadata_as(quant, quant.scales())
+}
+
+/// The `__metadata__` of a file written by [`quantize_module_as`] (version 1 for [`Scales::Block`]).
+pub(crate) fn metadata_as(quant: Quant, kind: Scales) -> HashMap<String, String> {
+    let v1 = kind == Scales::Block;
+    [
         ("format".to_string(), FORMAT.to_string()),
-        ("version".to_string(), VERSION.to_string()),
+        ("version".to_string(), if v1 { "1" } else { VERSION }.to_string()),
         ("quant".to_string(), quant.name().to_string()),
         ("block".to_string(), BLOCK.to_string()),
-    ])
+    ].into_iter().chain((quant != Quant::F16 && !v1).then(|| ("scales".to_string(), kind.name().to_string())))
+        .collect()
 }
 
 /// Index of value `(o, i, rest)` in a row-major `[out, in, rest…]` tensor.
@@ -189,31 +247,84 @@ fn layout(shape: &[usize]) -> (usize, usize, usize) {
     (shape[0], shape[1], shape[2..].iter().product::<usize>())
 }
 
-/// Symmetric block quantization along axis 1: (values, f16 scales `[out, in/32, rest]`). The quantized values are
-/// computed with the f16-rounded scale, so `scale × q` is exactly what a reader reconstructs.
-pub fn quantize(values: &[f32], shape: &[usize], quant: Quant) -> (Vec<i8>, Vec<f16>) {
+/// The scale of a block stored as the u8 fraction `s` of its row's scale `row` ([`Scales::BlockU8`]): the one
+/// expression the writer quantizes with and the reader dequantizes with.
+fn u8_scale(row: f16, s: u8) -> f32 {
+    row.to_f32() * s as f32 / 255.0
+}
+
+/// A stored scale tensor: (name suffix, dtype, shape, bytes).
+pub type ScaleTensor = (&'static str, Dtype, Vec<usize>, Vec<u8>);
+
+/// Symmetric quantization along axis 1 of `[out, in, rest…]`, blocks of 32 input channels, with `scales`' storage
+/// ([`Scales`]): the values; the f32 scale of every block (`[out, in/32, rest]`), exactly what a reader
+/// reconstructs from the stored scales, which are what the values were computed with; and the stored scale tensors.
+pub fn quantize(values: &[f32], shape: &[usize], quant: Quant, scales: Scales) -> (Vec<i8>, Vec<f32>, Vec<ScaleTensor>) {
     let (o, i, r) = layout(shape);
     let nb = i / BLOCK;
     let qmax = quant.qmax();
-    let mut scales = vec![f16::ZERO; o * nb * r];
-    let mut q = vec![0i8; values.len()];
+    let idx = |oo: usize, c: usize, rr: usize| (oo * i + c) * r + rr;
+    // The largest magnitude of every block, [out, in/32, rest].
+    let mut peak = vec![0f32; o * nb * r];
+    for oo in 0..o {
+        for c in 0..i {
+            for rr in 0..r {
+                let p = &mut peak[(oo * nb + c / BLOCK) * r + rr];
+                *p = p.max(values[idx(oo, c, rr)].abs());
+            }
+        }
+    }
+    // …and of every row (output channel, kernel position), [out, 1, rest].
+    let mut row_peak = vec![0f32; o * r];
     for oo in 0..o {
         for b in 0..nb {
             for rr in 0..r {
-                let idx = |c: usize| (oo * i + b * BLOCK + c) * r + rr;
-                let peak = (0..BLOCK).map(|c| values[idx(c)].abs()).fold(0.0f32, f32::max);
-                let scale = f16::from_f32(peak / qmax);
-                scales[(oo * nb + b) * r + rr] = scale;
-                let s = scale.to_f32();
+                let p = &mut row_peak[oo * r + rr];
+                *p = p.max(peak[(oo * nb + b) * r + rr]);
+            }
+        }
+    }
+    let f16_bytes = |v: &[f16]| v.iter().flat_map(|s| s.to_le_bytes()).collect::<Vec<u8>>();
+    let (block_scale, stored): (Vec<f32>, Vec<ScaleTensor>) = match scales {
+        Scales::Block => {
+            let s: Vec<f16> = peak.iter().map(|p| f16::from_f32(p / qmax)).collect();
+            (s.iter().map(|s| s.to_f32()).collect(), vec![(SCALE_SUFFIX, Dtype::F16, vec![o, nb, r], f16_bytes(&s))])
+        }
+        Scales::Channel => {
+            let s: Vec<f16> = row_peak.iter().map(|p| f16::from_f32(p / qmax)).collect();
+            let per_block = (0..o * nb * r).map(|k| s[(k / (nb * r)) * r + k % r].to_f32()).collect();
+            (per_block, vec![(SCALE_SUFFIX, Dtype::F16, vec![o, 1, r], f16_bytes(&s))])
+        }
+        Scales::BlockU8 => {
+            let row: Vec<f16> = row_peak.iter().map(|p| f16::from_f32(p / qmax)).collect();
+            // Rounded up, so a block's scale is at least its own peak / qmax (up to the row's f16 rounding).
+            let u: Vec<u8> = (0..o * nb * r).map(|k| {
+                let rs = row[(k / (nb * r)) * r + k % r].to_f32();
+                if rs > 0.0 { (255.0 * (peak[k] / qmax) / rs).ceil().clamp(0.0, 255.0) as u8 } else { 0 }
+            }).collect();
+            let per_block = (0..o * nb * r).map(|k| u8_scale(row[(k / (nb * r)) * r + k % r], u[k])).collect();
+            (per_block, vec![(SCALE_SUFFIX, Dtype::U8, vec![o, nb, r], u),
+                             (ROW_SCALE_SUFFIX, Dtype::F16, vec![o, 1, r], f16_bytes(&row))])
+        }
+    };
+    let mut q = vec![0i8; values.len()];
+    for oo in 0..o {
+        for c in 0..i {
+            for rr in 0..r {
+                let s = block_scale[(oo * nb + c / BLOCK) * r + rr];
                 if s > 0.0 {
-                    for c in 0..BLOCK {
-                        q[idx(c)] = (values[idx(c)] / s).round().clamp(-qmax, qmax) as i8;
-                    }
+                    q[idx(oo, c, rr)] = (values[idx(oo, c, rr)] / s).round().clamp(-qmax, qmax) as i8;
                 }
             }
         }
     }
-    (q, scales)
+    // Stored shapes in the weight's rank: [out, in/32 or 1, kh, kw].
+    let stored = stored.into_iter().map(|(suffix, dtype, s, bytes)| {
+        let mut full = vec![s[0], s[1]];
+        full.extend_from_slice(&shape[2..]);
+        (suffix, dtype, full, bytes)
+    }).collect();
+    (q, block_scale, stored)
 }
 
 /// Packs int4 values in −7..=7 two per byte along axis 1 (channel 2c low nibble, 2c+1 high).
@@ -377,6 +488,14 @@ fn float_data(dtype: Dtype, bytes: &[u8], shape: Vec<usize>, precision: Precisio
     })
 }
 
+/// The tensors of one quantized weight `K`: `K`, `K.qscale`, `K.qscale_row`.
+#[derive(Default)]
+struct Parts {
+    values: Option<(Entry, Vec<u8>)>,
+    scale: Option<(Entry, Vec<u8>)>,
+    row: Option<(Entry, Vec<u8>)>,
+}
+
 /// Lets quantized tensors (already in burn's layout) through, and converts the others from PyTorch's.
 #[derive(Clone)]
 struct Adapter;
@@ -452,8 +571,8 @@ fn load_in_chunks<M: ModuleSnapshot>(module: &mut M, component: &str, path: &Pat
     -> Result<Loaded> {
     let widen = widen_quantized.then_some(precision);
     let corrupt = |m: String| Error::CorruptWeights { file: path.to_path_buf(), message: m };
-    let mut scales: HashMap<String, (Vec<usize>, Vec<u8>)> = HashMap::new();
-    let mut pending: HashMap<String, (Entry, Vec<u8>)> = HashMap::new();
+    // A quantized weight's tensors (values, scales, row scales) until all of them are read.
+    let mut pending: HashMap<String, Parts> = HashMap::new();
     let mut packs: Vec<PackTensor> = Vec::new();
     let mut packed_bytes = 0usize;
     // Tensors are handed to the module in chunks as they are read, so the component is held once (in the module)
@@ -472,14 +591,24 @@ fn load_in_chunks<M: ModuleSnapshot>(module: &mut M, component: &str, path: &Pat
     };
     // The metadata (read before the first tensor) says whether and how the file is quantized.
     let quant_cell = std::cell::Cell::new(None::<Quant>);
+    let kind_cell = std::cell::Cell::new(Scales::Block);
     let mut on_meta = |meta: &HashMap<String, String>| -> Result<()> {
         if meta.get("format").map(String::as_str) == Some(FORMAT) {
-            if meta.get("version").map(String::as_str) != Some(VERSION)
-                || meta.get("block").map(String::as_str) != Some("32") {
-                return Err(corrupt(format!("not a version-{VERSION} {FORMAT} file with blocks of {BLOCK}")));
+            let version = meta.get("version").map(String::as_str);
+            if !matches!(version, Some("1" | VERSION)) || meta.get("block").map(String::as_str) != Some("32") {
+                return Err(corrupt(format!("not a version-1 or -{VERSION} {FORMAT} file with blocks of {BLOCK}")));
             }
-            quant_cell.set(Some(meta.get("quant").and_then(|q| q.parse::<Quant>().ok())
-                .ok_or_else(|| corrupt("metadata names no known quantization".into()))?));
+            let quant = meta.get("quant").and_then(|q| q.parse::<Quant>().ok())
+                .ok_or_else(|| corrupt("metadata names no known quantization".into()))?;
+            let kind = match (version, meta.get("scales")) {
+                (Some("1"), None) => Scales::Block,
+                (Some("1"), Some(_)) => return Err(corrupt("a version-1 file names no scale storage".into())),
+                (_, Some(k)) => Scales::parse(k).ok_or_else(|| corrupt(format!("unknown scale storage {k:?}")))?,
+                (_, None) if quant == Quant::F16 => Scales::Block,
+                (_, None) => return Err(corrupt("metadata names no scale storage".into())),
+            };
+            quant_cell.set(Some(quant));
+            kind_cell.set(kind);
         }
         Ok(())
     };
@@ -488,36 +617,31 @@ fn load_in_chunks<M: ModuleSnapshot>(module: &mut M, component: &str, path: &Pat
             flush(&mut packs, module);
             packed_bytes = 0;
         }
-        let quant = quant_cell.get();
-        if let Some(base) = e.name.strip_suffix(SCALE_SUFFIX) {
-            if quant.is_none() || e.dtype != Dtype::F16 {
-                return Err(corrupt(format!("{}: a scale tensor must be F16 in a {FORMAT} file", e.name)));
-            }
-            let base = base.to_string();
-            match pending.remove(&base) {
-                Some((d, b)) => {
-                    packed_bytes += d.end as usize - d.start as usize;
-                    packs.push(quantized_pack(component_prefix(&base), d, b, &e.shape, &bytes, quant, path, widen)?)
-                }
-                None => {
-                    scales.insert(base, (e.shape, bytes));
-                }
-            }
-            return Ok(());
-        }
-        if matches!(e.dtype, Dtype::I8 | Dtype::U8) {
+        let (quant, kind) = (quant_cell.get(), kind_cell.get());
+        let (base, slot) = if let Some(base) = e.name.strip_suffix(ROW_SCALE_SUFFIX) {
+            (base.to_string(), 2)
+        } else if let Some(base) = e.name.strip_suffix(SCALE_SUFFIX) {
+            (base.to_string(), 1)
+        } else if matches!(e.dtype, Dtype::I8 | Dtype::U8) {
+            (e.name.clone(), 0)
+        } else {
+            (String::new(), usize::MAX)
+        };
+        if slot != usize::MAX {
             if quant.is_none() {
-                return Err(corrupt(format!("{}: integer weights outside a {FORMAT} file", e.name)));
+                return Err(corrupt(format!("{}: quantized data or scales outside a {FORMAT} file", e.name)));
             }
-            match scales.remove(&e.name) {
-                Some((s_shape, s_bytes)) => {
-                    let name = component_prefix(&e.name);
-                    packed_bytes += bytes.len();
-                    packs.push(quantized_pack(name, e, bytes, &s_shape, &s_bytes, quant, path, widen)?);
-                }
-                None => {
-                    pending.insert(e.name.clone(), (e, bytes));
-                }
+            if slot == 2 && kind != Scales::BlockU8 {
+                return Err(corrupt(format!("{}: row scales in a file whose scales are {:?}", e.name, kind.name())));
+            }
+            let parts = pending.entry(base.clone()).or_default();
+            *[&mut parts.values, &mut parts.scale, &mut parts.row][slot] = Some((e, bytes));
+            if parts.values.is_some() && parts.scale.is_some() && (kind != Scales::BlockU8 || parts.row.is_some()) {
+                let parts = pending.remove(&base).expect("just inserted");
+                let (values, scale) = (parts.values.expect("checked"), parts.scale.expect("checked"));
+                packed_bytes += values.1.len();
+                packs.push(quantized_pack(component_prefix(&base), values.0, values.1, scale, parts.row, quant, kind,
+                                          path, widen)?);
             }
             return Ok(());
         }
@@ -532,8 +656,9 @@ fn load_in_chunks<M: ModuleSnapshot>(module: &mut M, component: &str, path: &Pat
     };
     let sha256 = read_all(path, expect, &mut on_meta, &mut on_tensor)?;
     let quant = quant_cell.get();
-    if let Some(name) = pending.keys().chain(scales.keys()).next() {
-        return Err(corrupt(format!("{name}: quantized data without its {SCALE_SUFFIX} tensor, or the reverse")));
+    if let Some(name) = pending.keys().next() {
+        return Err(corrupt(format!("{name}: quantized values without their {SCALE_SUFFIX} (or \
+                                    {ROW_SCALE_SUFFIX}) tensor, or the reverse")));
     }
     flush(&mut packs, module);
     let result = applied.finish();
@@ -551,30 +676,67 @@ fn load_in_chunks<M: ModuleSnapshot>(module: &mut M, component: &str, path: &Pat
 /// this format's blocks run along the input axis, which burn's `[in, out]` `Linear` layout (and a k×k convolution's
 /// `[out, in, k, k]`) does not keep contiguous: every value is read with another block's scale.
 #[allow(clippy::too_many_arguments)]
-fn quantized_pack(name: String, e: Entry, bytes: Vec<u8>, s_shape: &[usize], s_bytes: &[u8], quant: Option<Quant>,
-                  path: &Path, widen: Option<Precision>) -> Result<PackTensor> {
+fn quantized_pack(name: String, e: Entry, bytes: Vec<u8>, scale: (Entry, Vec<u8>), row: Option<(Entry, Vec<u8>)>,
+                  quant: Option<Quant>, kind: Scales, path: &Path, widen: Option<Precision>) -> Result<PackTensor> {
     let corrupt = |m: String| Error::CorruptWeights { file: path.to_path_buf(), message: format!("{}: {m}", e.name) };
     let quant = quant.filter(|q| *q != Quant::F16).ok_or_else(|| corrupt("integer weights in an f16 file".into()))?;
-    if !matches!(s_shape.len(), 2 | 4) {
-        return Err(corrupt(format!("scale shape {s_shape:?} is not rank 2 or 4")));
+    if !matches!(e.shape.len(), 2 | 4) {
+        return Err(corrupt(format!("shape {:?} is not rank 2 or 4", e.shape)));
     }
-    let mut shape = s_shape.to_vec();
-    shape[1] = shape[1].checked_mul(BLOCK).ok_or_else(|| corrupt("scale shape overflows".into()))?;
-    let mut stored = shape.clone();
+    // The weight's PyTorch shape, from its stored values (int4: two per byte along axis 1).
+    let mut shape = e.shape.clone();
     let want = match quant {
         Quant::Int4 => {
-            stored[1] /= 2;
+            shape[1] = shape[1].checked_mul(2).ok_or_else(|| corrupt("shape overflows".into()))?;
             Dtype::U8
         }
         _ => Dtype::I8,
     };
-    if e.dtype != want || e.shape != stored {
-        return Err(corrupt(format!("{:?} {:?} does not match its scales {s_shape:?} for {}", e.dtype, e.shape,
-                                   quant.name())));
+    if e.dtype != want {
+        return Err(corrupt(format!("{:?} values in an {} file", e.dtype, quant.name())));
     }
     if storage(&e.name, &shape) != Storage::Quantized {
         return Err(corrupt("this tensor is never quantized (norms, biases, embeddings, cross-attention keys and \
-                            values stay in floating point)".into()));
+                            values stay in floating point, and quantized ones have a multiple of 32 input channels)"
+            .into()));
+    }
+    let (o, i, r) = layout(&shape);
+    let nb = i / BLOCK;
+    let with_extent = |extent: usize| {
+        let mut s = shape.clone();
+        s[1] = extent;
+        s
+    };
+    let f16s = |b: &[u8]| -> Vec<f16> { b.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]])).collect() };
+    let bad_scale = |t: &Entry, dtype: Dtype, shape: &[usize]| corrupt(format!(
+        "{} is {:?} {:?}; {} scales of this weight are {dtype:?} {shape:?}", t.name, t.dtype, t.shape, kind.name()));
+    let (s_entry, s_bytes) = scale;
+    let s_want = (if kind == Scales::BlockU8 { Dtype::U8 } else { Dtype::F16 },
+                  with_extent(if kind == Scales::Channel { 1 } else { nb }));
+    if s_entry.dtype != s_want.0 || s_entry.shape != s_want.1 {
+        return Err(bad_scale(&s_entry, s_want.0, &s_want.1));
+    }
+    // Every block's f32 scale, [out, in/32, rest], from whichever storage.
+    let row_of = |k: usize| (k / (nb * r)) * r + k % r;
+    let scales: Vec<f32> = match kind {
+        Scales::Block => f16s(&s_bytes).iter().map(|s| s.to_f32()).collect(),
+        Scales::Channel => {
+            let c = f16s(&s_bytes);
+            (0..o * nb * r).map(|k| c[row_of(k)].to_f32()).collect()
+        }
+        Scales::BlockU8 => {
+            let Some((r_entry, r_bytes)) = row else {
+                return Err(corrupt(format!("no {ROW_SCALE_SUFFIX} tensor")));
+            };
+            if r_entry.dtype != Dtype::F16 || r_entry.shape != with_extent(1) {
+                return Err(bad_scale(&r_entry, Dtype::F16, &with_extent(1)));
+            }
+            let rows = f16s(&r_bytes);
+            (0..o * nb * r).map(|k| u8_scale(rows[row_of(k)], s_bytes[k])).collect()
+        }
+    };
+    if scales.iter().any(|s| !s.is_finite() || *s < 0.0) {
+        return Err(corrupt("scales must be finite and ≥ 0".into()));
     }
     let q: Vec<i8> = match quant {
         Quant::Int4 => unpack_int4(&bytes, &shape),
@@ -584,13 +746,7 @@ fn quantized_pack(name: String, e: Entry, bytes: Vec<u8>, s_shape: &[usize], s_b
     if q.iter().any(|&v| v < -qmax || v > qmax) {
         return Err(corrupt(format!("values outside ±{qmax}")));
     }
-    let scales: Vec<f32> = s_bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect();
-    if scales.iter().any(|s| !s.is_finite() || *s < 0.0) {
-        return Err(corrupt("scales must be finite and ≥ 0".into()));
-    }
     if let Some(precision) = widen {
-        let (_, i, r) = layout(&shape);
-        let nb = i / BLOCK;
         let values = q.iter().enumerate().map(|(idx, &v)| {
             let (oo, ii, rr) = (idx / (i * r), idx / r % i, idx % r);
             v as f32 * scales[(oo * nb + ii / BLOCK) * r + rr]
@@ -672,19 +828,44 @@ mod tests {
                 v
             }).collect()
         };
-        for quant in [Quant::Int8, Quant::Int4] {
-            let (tensors, counts) = quantize_module(&vae, quant).unwrap();
+        // Every scale storage with both value widths: version 2 as written, and the version-1 block scales.
+        let kinds = [Scales::Channel, Scales::BlockU8, Scales::Block];
+        for (quant, kind) in [Quant::Int8, Quant::Int4].into_iter().flat_map(|q| kinds.map(|k| (q, k))) {
+            let (tensors, counts) = quantize_module_as(&vae, quant, kind).unwrap();
             assert!(counts.quantized > 0);
             let file = dir.join(format!("{}.safetensors", quant.name()));
-            crate::weights::write_safetensors(&file, &tensors, Some(metadata(quant))).unwrap();
+            crate::weights::write_safetensors(&file, &tensors, Some(metadata_as(quant, kind))).unwrap();
             let mut whole = crate::vae::AutoencoderKL::new(&cfg, &dev).unwrap();
             load_in_chunks(&mut whole, "vae", &file, Precision::F32, None, usize::MAX, false).unwrap();
             let mut pieces = crate::vae::AutoencoderKL::new(&cfg, &dev).unwrap();
             load_in_chunks(&mut pieces, "vae", &file, Precision::F32, None, 1, false).unwrap();
-            assert_eq!(values(&whole), values(&pieces), "{quant:?}");
+            assert_eq!(values(&whole), values(&pieces), "{quant:?} {kind:?}");
+            // What was loaded is `scale × q` with the writer's scales.
+            let reference: Vec<f32> = vae.collect(None, Some(Box::new(burn::store::BurnToPyTorchAdapter)), true)
+                .into_iter().flat_map(|t| {
+                    let name = t.name.clone();
+                    let d = burn::store::bridge::into_data(t).unwrap();
+                    let shape = d.shape().to_vec();
+                    let v = d.convert::<f32>().try_into_vec::<f32>().unwrap();
+                    if storage(&name, &shape) != Storage::Quantized {
+                        return v.into_iter().map(|x| f16::from_f32(x).to_f32()).collect::<Vec<_>>();
+                    }
+                    let (q, s, _) = quantize(&v, &shape, quant, kind);
+                    let (_, i, r) = layout(&shape);
+                    let w: Vec<f32> = q.iter().enumerate()
+                        .map(|(k, &q)| q as f32 * s[(k / (i * r) * (i / BLOCK) + k / r % i / BLOCK) * r + k % r]).collect();
+                    // burn holds a Linear's weight as [in, out].
+                    if shape.len() == 2 {
+                        let (o, i) = (shape[0], shape[1]);
+                        (0..o * i).map(|k| w[(k % o) * i + k / o]).collect()
+                    } else {
+                        w
+                    }
+                }).collect();
+            assert_eq!(values(&whole), reference, "{quant:?} {kind:?}");
             // One tensor left out: reported as missing, by name, in both modes.
             let short: Vec<OwnedTensor> = tensors.into_iter().filter(|t| t.name != "decoder.conv_in.bias").collect();
-            crate::weights::write_safetensors(&file, &short, Some(metadata(quant))).unwrap();
+            crate::weights::write_safetensors(&file, &short, Some(metadata_as(quant, kind))).unwrap();
             for chunk in [1, usize::MAX] {
                 let mut m = crate::vae::AutoencoderKL::new(&cfg, &dev).unwrap();
                 match load_in_chunks(&mut m, "vae", &file, Precision::F32, None, chunk, false) {
@@ -711,10 +892,12 @@ mod tests {
         let shape = [4, 64];
         let v: Vec<f32> = (0..256).map(|k| ((k as f32) * 0.37).sin() * (1.0 + (k % 7) as f32)).collect();
         for quant in [Quant::Int8, Quant::Int4] {
-            let (q, s) = quantize(&v, &shape, quant);
-            for (k, x) in v.iter().enumerate() {
-                let scale = s[(k / 64) * 2 + (k % 64) / 32].to_f32();
-                assert!((scale * q[k] as f32 - x).abs() <= 0.5 * scale * 1.01 + 1e-6, "{quant:?} at {k}");
+            for kind in [Scales::Block, Scales::Channel, Scales::BlockU8] {
+                let (q, s, _) = quantize(&v, &shape, quant, kind);
+                for (k, x) in v.iter().enumerate() {
+                    let scale = s[(k / 64) * 2 + (k % 64) / 32];
+                    assert!((scale * q[k] as f32 - x).abs() <= 0.5 * scale * 1.01 + 1e-6, "{quant:?} {kind:?} at {k}");
+                }
             }
         }
     }

@@ -148,7 +148,9 @@ pub struct Decoder {
 
 #[derive(Module, Debug)]
 pub struct AutoencoderKL {
-    pub encoder: Encoder,
+    /// `None` in a decoder-only VAE ([`AutoencoderKL::decoder_only`]: what a bundle ships, since generation never
+    /// encodes an image).
+    pub encoder: Option<Encoder>,
     pub decoder: Decoder,
     pub quant_conv: Option<Conv2d>,
     pub post_quant_conv: Option<Conv2d>,
@@ -156,6 +158,16 @@ pub struct AutoencoderKL {
 
 impl AutoencoderKL {
     pub fn new(cfg: &VaeConfig, device: &Device) -> Result<Self> {
+        Self::build(cfg, device, true)
+    }
+
+    /// The VAE without its encoder (and `quant_conv`): what text-to-image generation uses, and what a bundle
+    /// stores ([`crate::bundle`]); [`AutoencoderKL::encode`] then refuses.
+    pub fn decoder_only(cfg: &VaeConfig, device: &Device) -> Result<Self> {
+        Self::build(cfg, device, false)
+    }
+
+    fn build(cfg: &VaeConfig, device: &Device, with_encoder: bool) -> Result<Self> {
         cfg.validate().map_err(|m| Error::invalid_model("vae/config.json", m))?;
         let ch = &cfg.block_out_channels;
         let n = ch.len();
@@ -175,13 +187,13 @@ impl AutoencoderKL {
                 downsamplers: if i + 1 < n { vec![Downsample2D::new(c_out, 0, device)] } else { vec![] },
             });
         }
-        let encoder = Encoder {
+        let encoder = with_encoder.then(|| Encoder {
             conv_in: conv2d(cfg.in_channels, ch[0], 3, 1, 1, device),
             down_blocks,
             mid_block: VaeMidBlock::new(ch[n - 1], g, cfg.mid_block_add_attention, device),
             conv_norm_out: group_norm(g, ch[n - 1], 1e-6, device),
             conv_out: conv2d(ch[n - 1], 2 * lat, 3, 1, 1, device),
-        };
+        });
 
         let rev: Vec<usize> = ch.iter().rev().copied().collect();
         let mut up_blocks = Vec::with_capacity(n);
@@ -206,14 +218,16 @@ impl AutoencoderKL {
         Ok(Self {
             encoder,
             decoder,
-            quant_conv: cfg.use_quant_conv.then(|| conv2d(2 * lat, 2 * lat, 1, 1, 0, device)),
+            quant_conv: (with_encoder && cfg.use_quant_conv).then(|| conv2d(2 * lat, 2 * lat, 1, 1, 0, device)),
             post_quant_conv: cfg.use_post_quant_conv.then(|| conv2d(lat, lat, 1, 1, 0, device)),
         })
     }
 
-    /// Image `[b, 3, H, W]` in [-1, 1] → posterior `(mean, logvar)`, each `[b, latent, H/8, W/8]` (unscaled).
-    pub fn encode(&self, image: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
-        let e = &self.encoder;
+    /// Image `[b, 3, H, W]` in [-1, 1] → posterior `(mean, logvar)`, each `[b, latent, H/8, W/8]` (unscaled);
+    /// refused by a decoder-only VAE.
+    pub fn encode(&self, image: Tensor<4>) -> Result<(Tensor<4>, Tensor<4>)> {
+        let e = self.encoder.as_ref().ok_or_else(|| Error::InvalidRequest(
+            "this VAE has no encoder (a bundle ships the decoder only)".into()))?;
         let mut x = e.conv_in.fwd(image);
         for block in &e.down_blocks {
             for r in &block.resnets {
@@ -231,7 +245,7 @@ impl AutoencoderKL {
         let lat = x.dims()[1] / 2;
         let mean = x.clone().narrow(1, 0, lat);
         let logvar = x.narrow(1, lat, lat).clamp(-30.0, 20.0);
-        (mean, logvar)
+        Ok((mean, logvar))
     }
 
     /// Unscaled latents `[b, latent, h, w]` → image `[b, 3, 8h, 8w]` in roughly [-1, 1].

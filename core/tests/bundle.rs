@@ -108,6 +108,10 @@ fn signed_int8_and_int4_bundles_load_guarded_stay_quantized_and_draw() {
         assert!(matches!(attn.attn1.to_q.weight.val().dtype(), DType::QFloat(_)));
         // Kept in floating point: f16, widened per call.
         assert_eq!(attn.attn2.to_k.weight.val().dtype(), DType::F16);
+        // The VAE ships without its encoder (generation never encodes), and says so; encoding is refused.
+        assert!(v.manifest.components["vae"].decoder_only && e.model().vae.encoder.is_none());
+        let image = burn::tensor::Tensor::<4>::zeros([1, 3, 32, 32], e.model().dev());
+        assert!(matches!(e.model().vae.encode(image), Err(Error::InvalidRequest(_))));
         // The quantized, erased model still draws what it should (the oracle reads the picture).
         let found = shows(&e, "a blue triangle", 0);
         assert!(found.iter().any(|d| d.shape.name() == "triangle"), "{q}: blue triangle reads as {found:?}");

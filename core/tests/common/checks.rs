@@ -59,7 +59,7 @@ pub fn check_vae(sd: &StableDiffusion, g: &Golden, tol: f32) {
     let dev = sd.dev().clone();
     let decoded = sd.vae.decode(g.tensor("vae.latents", &dev));
     assert_close("vae decode", &host(decoded), g.f32("vae.decoded").1, tol);
-    let (mean, logvar) = sd.vae.encode(g.tensor("vae.image", &dev));
+    let (mean, logvar) = sd.vae.encode(g.tensor("vae.image", &dev)).expect("a VAE with its encoder");
     assert_close("vae encode mean", &host(mean), g.f32("vae.encoded_mean").1, tol);
     assert_close("vae encode logvar", &host(logvar), g.f32("vae.encoded_logvar").1, tol);
 }
