@@ -540,22 +540,14 @@ impl Engine {
     /// The model, its files and configs, the device and the erasures in effect.
     pub fn info(&self) -> Result<EngineInfo> {
         let sd = &self.model;
-        // A network that is not loaded (low-memory engine) is counted on an unallocated module of its config
-        // (burn's parameters are lazy: counting them allocates nothing).
+        // Counted on an unallocated module of each network's config (burn's parameters are lazy: counting them
+        // allocates nothing): a network may not be loaded (low-memory engine), and a bundle's packed 4-bit weights
+        // hold two values per stored element.
         let dev = sd.dev();
         let parameters = BTreeMap::from([
-            ("text_encoder".to_string(), match sd.text_encoder.get() {
-                Some(m) => m.num_params(),
-                None => crate::clip::CLIPTextModel::new(&sd.text_config, dev)?.num_params(),
-            }),
-            ("unet".to_string(), match sd.unet.get() {
-                Some(m) => m.num_params(),
-                None => crate::unet::UNet2DConditionModel::new(&sd.unet_config, dev)?.num_params(),
-            }),
-            ("vae".to_string(), match sd.vae.get() {
-                Some(m) => m.num_params(),
-                None => crate::load::new_vae(&sd.vae_config, dev, sd.bundle.as_deref())?.num_params(),
-            }),
+            ("text_encoder".to_string(), crate::clip::CLIPTextModel::new(&sd.text_config, dev)?.num_params()),
+            ("unet".to_string(), crate::unet::UNet2DConditionModel::new(&sd.unet_config, dev)?.num_params()),
+            ("vae".to_string(), crate::load::new_vae(&sd.vae_config, dev, sd.bundle.as_deref())?.num_params()),
         ]);
         let mut files = BTreeMap::new();
         for (c, f) in &sd.files {

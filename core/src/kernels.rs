@@ -96,14 +96,51 @@ pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, scale: 
     Tensor::from_data(TensorData::new(out, [b, sq, c]), &device)
 }
 
+/// Whether `dtype` is a 4-bit weight as unsee holds it on the CPU: burn `QFloat` `Q4S` whose stored i8 values are
+/// the file's bytes, **two 4-bit values each** ([`crate::quant`]: burn's CPU backend keeps one i8 per 4-bit value,
+/// twice the memory). Such a tensor's shape is the weight's with the packed axis halved ([`logical_dims`]), and only
+/// [`dequantize`] reads it.
+pub fn is_packed4(dtype: DType) -> bool {
+    matches!(dtype, DType::QFloat(s) if s.value == burn::tensor::quantization::QuantValue::Q4S)
+}
+
+/// The packed axis of a [`is_packed4`] tensor of rank `d`: a `Linear`'s `[in/2, out]` (0), a conv's
+/// `[out, in/2, kh, kw]` (1).
+pub fn packed_axis(d: usize) -> usize {
+    if d == 2 { 0 } else { 1 }
+}
+
+/// The weight's dimensions: `w.dims()`, with the packed axis doubled for a [`is_packed4`] tensor.
+pub fn logical_dims<const D: usize>(w: &Tensor<D>) -> [usize; D] {
+    let mut dims = w.dims();
+    if is_packed4(w.dtype()) {
+        dims[packed_axis(D)] *= 2;
+    }
+    dims
+}
+
+/// The weight `w` as a float tensor whatever its storage: [`dequantize`], then burn's own `dequantize` for a
+/// quantized tensor that kernel left (off the CPU, or autodiff).
+pub fn dequantize_any<const D: usize>(w: Tensor<D>) -> crate::error::Result<Tensor<D>> {
+    let w = dequantize(w);
+    if is_packed4(w.dtype()) {
+        // Never made: packed weights exist only on the CPU, where training and attacks refuse a bundle.
+        return Err(crate::error::Error::Internal("a packed 4-bit weight off the CPU or under autodiff".into()));
+    }
+    Ok(if matches!(w.dtype(), DType::QFloat(_)) { w.dequantize() } else { w })
+}
+
 /// The weight `w` in f32 when it is a block-quantized `QFloat` tensor on the CPU (any rank, blocks over any leading
 /// dimensions as long as the trailing dimension's block is 1, which covers every layout [`crate::quant`] loads);
-/// anything else is returned as it is, for burn to handle. Same values as burn's `dequantize` (tested).
+/// anything else is returned as it is, for burn to handle. Same values as burn's `dequantize` (tested). A packed
+/// 4-bit weight ([`is_packed4`]) is always unpacked here (even with the kernels off: burn cannot read it), into its
+/// [`logical_dims`].
 pub fn dequantize<const D: usize>(w: Tensor<D>) -> Tensor<D> {
-    if !ENABLED.load(Ordering::Relaxed) || w.is_autodiff() || w.device() != Device::flex() {
+    let DType::QFloat(scheme) = w.dtype() else { return w };
+    let packed = is_packed4(w.dtype());
+    if (!packed && !ENABLED.load(Ordering::Relaxed)) || w.is_autodiff() || w.device() != Device::flex() {
         return w;
     }
-    let DType::QFloat(scheme) = w.dtype() else { return w };
     let Some(block) = scheme.block_size() else { return w };
     let dims = w.dims();
     // Block extents aligned to the trailing dimensions (burn drops leading 1s).
@@ -117,7 +154,8 @@ pub fn dequantize<const D: usize>(w: Tensor<D>) -> Tensor<D> {
     }
     // The row: the trailing dimensions whose block is 1 (their scales are as contiguous as their values).
     let split = (0..D).rev().take_while(|&i| b[i] == 1).last().unwrap_or(D);
-    if split == 0 || split == D || (0..split).any(|i| b[i] == 0 || dims[i] % b[i] != 0) {
+    if split == 0 || split == D || (0..split).any(|i| b[i] == 0 || dims[i] % b[i] != 0)
+        || (packed && split - 1 != packed_axis(D)) {
         return w;
     }
     let row: usize = dims[split..].iter().product();
@@ -128,12 +166,15 @@ pub fn dequantize<const D: usize>(w: Tensor<D>) -> Tensor<D> {
     let (values, scales) = q.into_vec_i8();
     let (scales, global) = (scales.block, scales.global.unwrap_or(1.0));
     let grid: Vec<usize> = (0..split).map(|i| dims[i] / b[i]).collect();
-    let mut out = vec![0f32; values.len()];
+    // A packed row r holds the values of rows 2r (low nibbles) and 2r + 1 (high nibbles): the packed axis is the
+    // last one before the row.
+    let unpack = if packed { 2 } else { 1 };
+    let mut out = vec![0f32; values.len() * unpack];
     // ~16 K values per task: a conv's row is only kh·kw values, so a fixed row count made ~1.5 M tiny tasks per
     // full-size UNet pass.
     let rows_per_task = (16_384 / row).max(1);
-    out.par_chunks_mut(row * rows_per_task).enumerate().for_each(|(task, o)| {
-        for (k, o) in o.chunks_exact_mut(row).enumerate() {
+    out.par_chunks_mut(unpack * row * rows_per_task).enumerate().for_each(|(task, o)| {
+        for (k, o) in o.chunks_exact_mut(unpack * row).enumerate() {
             let r = task * rows_per_task + k;
             // The row's block coordinates → its row of scales.
             let (mut rest, mut g, mut stride) = (r, 0, 1);
@@ -144,11 +185,23 @@ pub fn dequantize<const D: usize>(w: Tensor<D>) -> Tensor<D> {
             }
             let s = &scales[g * row..(g + 1) * row];
             let v = &values[r * row..(r + 1) * row];
-            for ((o, &q), &s) in o.iter_mut().zip(v).zip(s) {
-                *o = global * s * q as f32;
+            if packed {
+                let (lo, hi) = o.split_at_mut(row);
+                for (((lo, hi), &q), &s) in lo.iter_mut().zip(hi).zip(v).zip(s) {
+                    *lo = global * s * ((q << 4) >> 4) as f32;
+                    *hi = global * s * (q >> 4) as f32;
+                }
+            } else {
+                for ((o, &q), &s) in o.iter_mut().zip(v).zip(s) {
+                    *o = global * s * q as f32;
+                }
             }
         }
     });
+    let mut dims = dims;
+    if packed {
+        dims[packed_axis(D)] *= 2;
+    }
     Tensor::from_data(TensorData::new(out, dims), &device)
 }
 
@@ -491,9 +544,8 @@ mod tests {
     fn dequantize_matches_burns() {
         use burn::tensor::quantization::{QuantScheme, QuantStore, QuantValue, ScaleDtype};
         let dev = Device::flex();
-        for value in [QuantValue::Q8S, QuantValue::Q4S] {
-            let scheme = QuantScheme::default().with_value(value).with_store(QuantStore::Native);
-            let qmax = if value == QuantValue::Q8S { 127 } else { 7 };
+        for qmax in [127usize, 7] {
+            let scheme = QuantScheme::default().with_value(QuantValue::Q8S).with_store(QuantStore::Native);
             let q = |n: usize| {
                 (0..n).map(|i| (((i * 37 + 11) % (2 * qmax + 1)) as i32 - qmax as i32) as i8).collect::<Vec<_>>()
             };
@@ -504,11 +556,41 @@ mod tests {
             let conv = Tensor::<4>::from_data(
                 TensorData::quantized(q(5 * 64 * 9), [5, 64, 3, 3], scheme.per_block([1, 32, 1, 1], ScaleDtype::F32),
                                       &s(5 * 2 * 9), None), &dev);
+            let lin_want = crate::tensor::to_f32_vec(lin.clone().dequantize()).unwrap();
             let got = crate::tensor::to_f32_vec(dequantize(lin.clone())).unwrap();
-            assert_eq!(got, crate::tensor::to_f32_vec(lin.dequantize()).unwrap());
+            assert_eq!(got, lin_want);
             assert!(got.iter().any(|v| *v != 0.0));
+            let conv_want = crate::tensor::to_f32_vec(conv.clone().dequantize()).unwrap();
             let got = crate::tensor::to_f32_vec(dequantize(conv.clone())).unwrap();
-            assert_eq!(got, crate::tensor::to_f32_vec(conv.dequantize()).unwrap());
+            assert_eq!(got, conv_want);
+            if qmax == 7 {
+                // The same 4-bit values packed two per stored i8 along the input axis (`Q4S`, blocks of 16 bytes):
+                // unpacked into the weight's shape, the same values.
+                let nib = |v: i8| v as u8 & 0x0f;
+                let ql = q(96 * 40);
+                let packed: Vec<i8> = (0..48 * 40).map(|k| {
+                    let (p, o) = (k / 40, k % 40);
+                    (nib(ql[2 * p * 40 + o]) | nib(ql[(2 * p + 1) * 40 + o]) << 4) as i8
+                }).collect();
+                let p4 = scheme.with_value(QuantValue::Q4S);
+                let lin4 = Tensor::<2>::from_data(
+                    TensorData::quantized(packed, [48, 40], p4.per_block([16, 1], ScaleDtype::F32), &s(3 * 40), None),
+                    &dev);
+                assert!(is_packed4(lin4.dtype()) && logical_dims(&lin4) == [96, 40]);
+                let got = dequantize(lin4);
+                assert_eq!(got.dims(), [96, 40]);
+                assert_eq!(crate::tensor::to_f32_vec(got).unwrap(), lin_want);
+                let qc = q(5 * 64 * 9);
+                let packed: Vec<i8> = (0..5 * 32 * 9).map(|k| {
+                    let (o, p, r) = (k / (32 * 9), k / 9 % 32, k % 9);
+                    (nib(qc[(o * 64 + 2 * p) * 9 + r]) | nib(qc[(o * 64 + 2 * p + 1) * 9 + r]) << 4) as i8
+                }).collect();
+                let conv4 = Tensor::<4>::from_data(
+                    TensorData::quantized(packed, [5, 32, 3, 3], p4.per_block([1, 16, 1, 1], ScaleDtype::F32),
+                                          &s(5 * 2 * 9), None), &dev);
+                // Through `to_f32_vec` too (what reading a weight back uses).
+                assert_eq!(crate::tensor::to_f32_vec(conv4).unwrap(), conv_want);
+            }
         }
         // Not quantized: returned unchanged.
         let f = Tensor::<2>::from_data(TensorData::new(vec![1f32, 2.0, 3.0, 4.0], [2, 2]), &dev);

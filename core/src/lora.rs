@@ -123,8 +123,14 @@ fn layer_shapes<M: ModuleSnapshot>(module: &M) -> Vec<(String, Vec<usize>, bool)
         .collect(None, Some(Box::new(BurnToPyTorchAdapter)), true)
         .into_iter()
         .filter(|t| t.name.ends_with(".weight") && matches!(t.shape.as_slice().len(), 2 | 4))
-        .map(|t| (t.name.trim_end_matches(".weight").to_string(), t.shape.as_slice().to_vec(),
-                  matches!(t.dtype, DType::QFloat(_))))
+        .map(|t| {
+            // A packed 4-bit weight's stored input axis is half the layer's (`kernels::is_packed4`).
+            let mut shape = t.shape.as_slice().to_vec();
+            if crate::kernels::is_packed4(t.dtype) {
+                shape[1] *= 2;
+            }
+            (t.name.trim_end_matches(".weight").to_string(), shape, matches!(t.dtype, DType::QFloat(_)))
+        })
         .collect()
 }
 

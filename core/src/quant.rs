@@ -35,12 +35,18 @@
 //! reader cannot hash what it reads, and the safetensors writer of burn-store refuses quantized tensors.
 //!
 //! # In memory
-//! Quantized weights stay quantized: they become burn `QFloat` tensors (`QuantValue::Q8S` / `Q4S`, block
-//! `[32, 1]` for a burn `Linear`'s `[in, out]` weight, `[1, 32, 1, 1]` for a conv), dequantized per layer at use
-//! ([`crate::nn::Forward`]). burn's `flex` (CPU) backend keeps one i8 per value even for 4-bit, so int4 halves the file,
-//! not the memory, on the CPU. The f16 weights of `Linear`s and `Conv2d`s ([`is_layer_weight`]: all of them in an
-//! f16 file, the "exact" and small ones in an int8/int4 file) stay f16 too and are widened per call by
-//! [`crate::nn::Forward`]; norms, biases and embeddings are widened to the device's precision at load.
+//! Quantized weights stay quantized: they become burn `QFloat` tensors, dequantized per layer at use
+//! ([`crate::nn::Forward`] → [`crate::kernels::dequantize`]). int8: `Q8S`, one i8 per value, blocks along the input
+//! axis (a per-channel scale repeated over blocks as long as burn's `u8` block size allows), f32 scales. int4:
+//! burn's CPU backend (`flex`) keeps one i8 per 4-bit value (twice the file), so unsee hands it the file's bytes
+//! instead, two values per stored i8, as `Q4S` tensors whose input axis is halved (blocks of 16 bytes = 32
+//! values): `Q4S` marks that packing ([`crate::kernels::is_packed4`]), only unsee's kernel reads such a tensor
+//! ([`crate::kernels::dequantize`], [`crate::kernels::logical_dims`]), and burn-store's applier, which would refuse
+//! the halved shape, is bypassed for them by a module mapper that checks the shape itself. On a GPU the weights
+//! are widened at load instead ([`load_component`]'s `widen_quantized`). The f16 weights of `Linear`s and `Conv2d`s
+//! ([`is_layer_weight`]: all of them in an f16 file, the "exact" and small ones in an int8/int4 file) stay f16 too
+//! and are widened per call by [`crate::nn::Forward`]; norms, biases and embeddings are widened to the device's
+//! precision at load.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
@@ -512,6 +518,48 @@ impl ModuleAdapter for Adapter {
     }
 }
 
+/// Puts packed 4-bit weights ([`crate::kernels::is_packed4`]) into their parameters, by path: burn-store's applier
+/// refuses them, their shape being the parameter's with the packed axis halved. The checks are its own: the
+/// parameter exists (else the weight is reported unused by [`check_applied`](crate::weights::check_applied)) and
+/// has the weight's shape.
+struct PutPacked {
+    tensors: HashMap<String, TensorData>,
+    path: Vec<String>,
+    applied: Vec<String>,
+    errors: Vec<ApplyError>,
+}
+
+impl burn::module::ModuleMapper for PutPacked {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        if !container_type.starts_with("Enum:") {
+            self.path.push(name.to_string());
+        }
+    }
+    fn exit_module(&mut self, _name: &str, container_type: &str) {
+        if !container_type.starts_with("Enum:") {
+            self.path.pop();
+        }
+    }
+    fn map_float<const D: usize>(&mut self, param: burn::module::Param<burn::tensor::Tensor<D>>)
+        -> burn::module::Param<burn::tensor::Tensor<D>> {
+        let path = self.path.join(".");
+        let Some(data) = self.tensors.remove(&path) else { return param };
+        let want = param.lazy_shape().to_vec();
+        let mut found = data.shape().to_vec();
+        if found.len() == D {
+            found[crate::kernels::packed_axis(D)] *= 2;
+        }
+        if found != want {
+            self.errors.push(ApplyError::ShapeMismatch { path, expected: want.into(), found: found.into() });
+            return param;
+        }
+        let tensor = burn::tensor::Tensor::from_data(data, &param.lazy_device());
+        self.applied.push(path);
+        let id = param.id;
+        param.transform_for_load(tensor, id)
+    }
+}
+
 /// Bytes of converted tensors handed to the module at a time.
 const APPLY_CHUNK: usize = 128 * 1024 * 1024;
 
@@ -574,14 +622,23 @@ fn load_in_chunks<M: ModuleSnapshot>(module: &mut M, component: &str, path: &Pat
     // A quantized weight's tensors (values, scales, row scales) until all of them are read.
     let mut pending: HashMap<String, Parts> = HashMap::new();
     let mut packs: Vec<PackTensor> = Vec::new();
+    // Packed 4-bit weights, put in place by [`PutPacked`].
+    let mut packed4: HashMap<String, TensorData> = HashMap::new();
     let mut packed_bytes = 0usize;
     // Tensors are handed to the module in chunks as they are read, so the component is held once (in the module)
     // plus one chunk, not twice. The module is the caller's fresh one: on any error (a digest mismatch found at
     // the end included) it is dropped, never used.
     let mut applied = Applied::default();
-    let mut flush = |packs: &mut Vec<PackTensor>, module: &mut M| {
+    let mut flush = |packs: &mut Vec<PackTensor>, packed4: &mut HashMap<String, TensorData>, module: &mut M| {
         if !packs.is_empty() {
             applied.add(module.apply(std::mem::take(packs), None, Some(Box::new(Adapter)), true));
+        }
+        if !packed4.is_empty() {
+            let mut put = PutPacked { tensors: std::mem::take(packed4), path: vec![], applied: vec![], errors: vec![] };
+            *module = module.clone().map(&mut put);
+            applied.applied.extend(put.applied);
+            applied.errors.extend(put.errors);
+            applied.unused.extend(put.tensors.into_keys());
         }
     };
     let component_prefix = |name: &str| if component == "text_encoder" && !name.starts_with("text_model.") {
@@ -614,7 +671,7 @@ fn load_in_chunks<M: ModuleSnapshot>(module: &mut M, component: &str, path: &Pat
     };
     let mut on_tensor = |e: Entry, bytes: Vec<u8>| -> Result<()> {
         if packed_bytes >= chunk {
-            flush(&mut packs, module);
+            flush(&mut packs, &mut packed4, module);
             packed_bytes = 0;
         }
         let (quant, kind) = (quant_cell.get(), kind_cell.get());
@@ -640,8 +697,16 @@ fn load_in_chunks<M: ModuleSnapshot>(module: &mut M, component: &str, path: &Pat
                 let parts = pending.remove(&base).expect("just inserted");
                 let (values, scale) = (parts.values.expect("checked"), parts.scale.expect("checked"));
                 packed_bytes += values.1.len();
-                packs.push(quantized_pack(component_prefix(&base), values.0, values.1, scale, parts.row, quant, kind,
-                                          path, widen)?);
+                let pack = quantized_pack(component_prefix(&base), values.0, values.1, scale, parts.row, quant, kind,
+                                          path, widen)?;
+                if crate::kernels::is_packed4(pack.dtype) {
+                    let name = pack.name.clone();
+                    let data = burn::store::bridge::into_data(pack)
+                        .map_err(|err| Error::Internal(format!("{name}: {err:?}")))?;
+                    packed4.insert(name, data);
+                } else {
+                    packs.push(pack);
+                }
             }
             return Ok(());
         }
@@ -660,7 +725,7 @@ fn load_in_chunks<M: ModuleSnapshot>(module: &mut M, component: &str, path: &Pat
         return Err(corrupt(format!("{name}: quantized values without their {SCALE_SUFFIX} (or \
                                     {ROW_SCALE_SUFFIX}) tensor, or the reverse")));
     }
-    flush(&mut packs, module);
+    flush(&mut packs, &mut packed4, module);
     let result = applied.finish();
     crate::weights::check_applied(component, path, &result)?;
     Ok(Loaded { sha256, quant })
@@ -738,15 +803,19 @@ fn quantized_pack(name: String, e: Entry, bytes: Vec<u8>, scale: (Entry, Vec<u8>
     if scales.iter().any(|s| !s.is_finite() || *s < 0.0) {
         return Err(corrupt("scales must be finite and ≥ 0".into()));
     }
-    let q: Vec<i8> = match quant {
-        Quant::Int4 => unpack_int4(&bytes, &shape),
-        _ => bytes.into_iter().map(|b| b as i8).collect(),
+    // −8 (a nibble of 8) and −128 are outside the symmetric ranges.
+    let out_of_range = match quant {
+        Quant::Int4 => bytes.iter().any(|&b| b & 0x0f == 8 || b >> 4 == 8),
+        _ => bytes.iter().any(|&b| b == 0x80),
     };
-    let qmax = quant.qmax() as i8;
-    if q.iter().any(|&v| v < -qmax || v > qmax) {
-        return Err(corrupt(format!("values outside ±{qmax}")));
+    if out_of_range {
+        return Err(corrupt(format!("values outside ±{}", quant.qmax())));
     }
     if let Some(precision) = widen {
+        let q: Vec<i8> = match quant {
+            Quant::Int4 => unpack_int4(&bytes, &shape),
+            _ => bytes.into_iter().map(|b| b as i8).collect(),
+        };
         let values = q.iter().enumerate().map(|(idx, &v)| {
             let (oo, ii, rr) = (idx / (i * r), idx / r % i, idx % r);
             v as f32 * scales[(oo * nb + ii / BLOCK) * r + rr]
@@ -757,31 +826,43 @@ fn quantized_pack(name: String, e: Entry, bytes: Vec<u8>, scale: (Entry, Vec<u8>
         };
         return Ok(burn::store::bridge::from_data(data, name, None));
     }
-    let value = match quant {
-        Quant::Int4 => QuantValue::Q4S,
-        _ => QuantValue::Q8S,
+    // burn QFloat, in the file's bytes: int8 one value per i8; int4 **two values per i8** (`Q4S` is unsee's mark
+    // for that, [`crate::kernels::is_packed4`]: burn's CPU backend would otherwise hold one i8 per 4-bit value), its
+    // shape the weight's with the input axis halved, blocks of 16 bytes = 32 values. A per-channel int8 scale is
+    // the same for every block of its row, so its blocks are made as long as burn allows (a `u8`: the largest
+    // multiple of 32 up to 224 that divides the input channels), a fifth to a sixth of the scales in memory.
+    let (value, merge, block) = match quant {
+        Quant::Int4 => (QuantValue::Q4S, 1, BLOCK / 2),
+        _ => {
+            let m = if kind == Scales::Channel { (1..=255 / BLOCK).rev().find(|m| nb % m == 0).unwrap_or(1) } else { 1 };
+            (QuantValue::Q8S, m, BLOCK * m)
+        }
     };
+    let nbm = nb / merge;
+    let scales: Vec<f32> = (0..o * nbm * r).map(|k| scales[((k / (nbm * r)) * nb + (k / r % nbm) * merge) * r + k % r])
+        .collect();
+    let values: Vec<i8> = bytes.into_iter().map(|b| b as i8).collect();
     let scheme = QuantScheme::default().with_value(value).with_store(QuantStore::Native);
     let data = if shape.len() == 2 {
-        // burn's Linear holds [in, out]: transpose the values, and the scales [out, in/32] → [in/32, out].
-        let (o, i) = (shape[0], shape[1]);
-        let mut t = vec![0i8; q.len()];
+        // burn's Linear holds [in, out]: transpose the stored values [out, in'] (in' = in, or in/2 packed) and the
+        // scales [out, nbm] → [nbm, out].
+        let ip = values.len() / o;
+        let mut t = vec![0i8; values.len()];
         for oo in 0..o {
-            for ii in 0..i {
-                t[ii * o + oo] = q[oo * i + ii];
+            for ii in 0..ip {
+                t[ii * o + oo] = values[oo * ip + ii];
             }
         }
-        let nb = i / BLOCK;
         let mut st = vec![0f32; scales.len()];
         for oo in 0..o {
-            for b in 0..nb {
-                st[b * o + oo] = scales[oo * nb + b];
+            for b in 0..nbm {
+                st[b * o + oo] = scales[oo * nbm + b];
             }
         }
-        TensorData::quantized(t, [i, o], scheme.per_block([BLOCK as u8, 1], ScaleDtype::F32), &st, None)
+        TensorData::quantized(t, [ip, o], scheme.per_block([block as u8, 1], ScaleDtype::F32), &st, None)
     } else {
-        TensorData::quantized(q, shape.clone(), scheme.per_block([1, BLOCK as u8, 1, 1], ScaleDtype::F32), &scales,
-                              None)
+        TensorData::quantized(values, e.shape.clone(), scheme.per_block([1, block as u8, 1, 1], ScaleDtype::F32),
+                              &scales, None)
     };
     Ok(burn::store::bridge::from_data(data, name, None))
 }

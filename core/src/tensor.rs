@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 
 /// Reads `t` back to the host as f32 values, row-major (whatever dtype it is stored in on the device).
 pub fn to_f32_vec<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
-    let t = if matches!(t.dtype(), DType::QFloat(_)) { t.dequantize() } else { t };
+    let t = if matches!(t.dtype(), DType::QFloat(_)) { crate::kernels::dequantize_any(t)? } else { t };
     t.cast(DType::F32).into_data().try_to_vec::<f32>()
         .map_err(|e| Error::Internal(format!("reading a tensor back as f32: {e:?}")))
 }

@@ -104,6 +104,10 @@ fn signed_int8_and_int4_bundles_load_guarded_stay_quantized_and_draw() {
         let unet = &e.model().unet;
         let conv = unet.down_blocks[0].resnets[0].conv1.weight.val();
         assert!(matches!(conv.dtype(), DType::QFloat(_)), "{q}: conv weight is {:?}", conv.dtype());
+        // int4 is held packed, two values per stored element (burn's CPU backend would hold one per i8).
+        assert_eq!(unsee::kernels::is_packed4(conv.dtype()), q == "int4");
+        let [o, i, kh, kw] = conv.dims();
+        assert_eq!(unsee::kernels::logical_dims(&conv), [o, if q == "int4" { 2 * i } else { i }, kh, kw]);
         let attn = &unet.down_blocks[0].attentions[0].transformer_blocks[0];
         assert!(matches!(attn.attn1.to_q.weight.val().dtype(), DType::QFloat(_)));
         // Kept in floating point: f16, widened per call.

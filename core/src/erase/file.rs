@@ -235,7 +235,7 @@ pub fn apply_checked(sd: &mut StableDiffusion, path: &Path, info: &ErasureInfo, 
             message: format!("the model has no matrix {key}"),
         })?;
         let (d_out, d_in) = (d.r.nrows(), d.x.nrows());
-        let [w_in, w_out] = lin.weight.val().dims();
+        let [w_in, w_out] = crate::kernels::logical_dims(&lin.weight.val());
         if (d_out, d_in) != (w_out, w_in) {
             return Err(Error::ErasureMismatch {
                 file: path.to_path_buf(),

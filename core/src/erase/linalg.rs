@@ -151,7 +151,7 @@ pub fn to_hidden(m: &M, device: &Device) -> Tensor<3> {
 
 /// A burn `Linear` weight, stored d_in × d_out, as W (d_out × d_in).
 pub fn from_linear_weight(w: Tensor<2>) -> Result<M> {
-    let [d_in, d_out] = w.dims();
+    let [d_in, d_out] = crate::kernels::logical_dims(&w);
     let v = crate::tensor::to_f32_vec(w)?;
     Ok(M::from_fn(d_out, d_in, |o, i| v[i * d_out + o] as f64))
 }

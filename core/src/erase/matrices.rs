@@ -240,7 +240,7 @@ pub fn apply_delta(sd: &mut StableDiffusion, delta: &Delta) -> Result<()> {
     let w = lin.weight.val();
     // A quantized matrix is edited in floating point (it stays so: the edit is not re-quantized), and one kept in
     // f16 in memory (a bundle's) in the model's precision, as if it had been widened at load.
-    let w = if crate::tensor::is_quantized(&w) { w.dequantize() } else { w };
+    let w = if crate::tensor::is_quantized(&w) { crate::kernels::dequantize_any(w)? } else { w };
     let w = if w.dtype() != float { w.cast(float) } else { w };
     let [d_in, d_out] = w.dims();
     if delta.r.nrows() != d_out || delta.x.nrows() != d_in {
