@@ -28,8 +28,9 @@
 //!   row's largest block scale, each block's rounded up to the next 1/255 of it), the weight `scale × q`.
 //!
 //! Version 1 (still read, no longer written) had `"scales"` absent and `K.qscale` `F16` `[out, in/32, …]` for both
-//! (`"block"` storage, [`Scales::Block`]). Per-channel int8 and u8 block scales for int4 make the files 5 % (int8)
-//! and 4 % (int4) smaller than f16 block scales; every format is read by the same code.
+//! (`"block"` storage, [`Scales::Block`]), 1/16 byte of scale per value; per-channel int8 and u8 block scales for
+//! int4 cut that to almost nothing and to 1/32 (README *Measurements*: the bundle sizes); every version is read by
+//! the same code.
 //! Any safetensors reader can load it (e.g. Python, int4: `s = row.float() * qscale.float() / 255`,
 //! `w = q.float() * s.repeat_interleave(32, 1)`). burn's own quantized storage (`.bpk`) was not used because its
 //! reader cannot hash what it reads, and the safetensors writer of burn-store refuses quantized tensors.
