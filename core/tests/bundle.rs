@@ -456,7 +456,11 @@ fn cli_keygen_build_verify_info() {
     let out = run(&["bundle", "info", b.to_str().unwrap(), "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["components"]["unet"]["quant"], "int4");
+    assert_eq!(v["components"]["vae"]["decoder_only"], true);
     assert_eq!(v["erasures"][0]["concepts"][0], "red circle");
+    let out = run(&["bundle", "info", b.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with("vae") && l.ends_with("decoder only)")),
+            "{}", String::from_utf8_lossy(&out.stdout));
     // Verified against another key, and after tampering: exit 1 with the file named.
     let out = run(&["bundle", "verify", b.to_str().unwrap(), "--key", f.key.with_extension("pub").to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));

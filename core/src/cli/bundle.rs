@@ -150,8 +150,8 @@ fn info(a: InfoArgs) -> Result<()> {
     println!("root digest {}", m.root_digest);
     println!("base model  {}", m.base_model.get("name").cloned().unwrap_or_default());
     for (c, r) in &m.components {
-        println!("{c:<12}{} ({} quantized, {} exact, {} f16 values)", r.quant.name(), r.values.quantized,
-                 r.values.exact, r.values.f16);
+        println!("{c:<12}{} ({} quantized, {} exact, {} f16 values{})", r.quant.name(), r.values.quantized,
+                 r.values.exact, r.values.f16, if r.decoder_only { "; decoder only" } else { "" });
     }
     println!("text enc.   {}", m.text_encoder.get("source").cloned().unwrap_or_default());
     for e in &m.erasures {
