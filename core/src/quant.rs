@@ -962,6 +962,60 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// Hostile int4 files of the tiny VAE: a missing row scale, two packed weights swapped (each the other's shape:
+    /// the packed-weight mapper's own shape check), and one renamed to a layer that does not exist; each refused by
+    /// name, nothing panics.
+    #[test]
+    fn broken_packed_files_are_refused_by_name() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-sd");
+        let cfg: crate::vae::VaeConfig = crate::model::read_config(&root, "vae", "config.json").unwrap();
+        let dev = burn::tensor::Device::flex();
+        let vae = crate::vae::AutoencoderKL::new(&cfg, &dev).unwrap();
+        let (tensors, _) = quantize_module(&vae, Quant::Int4).unwrap();
+        let dir = std::env::temp_dir().join(format!("unsee-quant-broken-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let load = |tensors: &[OwnedTensor]| {
+            let file = dir.join("vae.safetensors");
+            crate::weights::write_safetensors(&file, tensors, Some(metadata(Quant::Int4))).unwrap();
+            let mut m = crate::vae::AutoencoderKL::new(&cfg, &dev).unwrap();
+            load_in_chunks(&mut m, "vae", &file, Precision::F32, None, usize::MAX, false).map(|_| ())
+        };
+        load(&tensors).unwrap();
+        let packed: Vec<&OwnedTensor> = tensors.iter().filter(|t| t.dtype == Dtype::U8 && !t.name.contains(".qscale"))
+            .collect();
+        // Two packed weights of different shapes.
+        let a = packed[0];
+        let b = packed.iter().find(|t| t.shape != a.shape).expect("two shapes");
+        let (an, bn) = (a.name.clone(), b.name.clone());
+        let rename = |from: &str, to: &str| -> Vec<OwnedTensor> {
+            tensors.iter().map(|t| {
+                let mut t = OwnedTensor { name: t.name.clone(), dtype: t.dtype, shape: t.shape.clone(),
+                                          bytes: t.bytes.clone() };
+                if let Some(rest) = t.name.strip_prefix(from) {
+                    t.name = format!("{to}{rest}");
+                } else if let Some(rest) = t.name.strip_prefix(to) {
+                    t.name = format!("{from}{rest}");
+                }
+                t
+            }).collect()
+        };
+        match load(&rename(&an, &bn)) {
+            Err(Error::WeightMismatch { report, .. }) => assert!(report.contains("mis-shaped"), "{report}"),
+            other => panic!("swapped packed weights: {:?}", other.map(|_| ())),
+        }
+        match load(&rename(&an, "decoder.nowhere.weight")) {
+            Err(Error::WeightMismatch { report, .. }) => assert!(report.contains("decoder.nowhere.weight"), "{report}"),
+            other => panic!("a packed weight for no layer: {:?}", other.map(|_| ())),
+        }
+        let no_row: Vec<OwnedTensor> = rename("", "").into_iter()
+            .filter(|t| t.name != format!("{an}{ROW_SCALE_SUFFIX}")).collect();
+        match load(&no_row) {
+            Err(Error::CorruptWeights { message, .. }) => assert!(message.contains(&an), "{message}"),
+            other => panic!("no row scales: {:?}", other.map(|_| ())),
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn int4_packing_round_trips() {
         let shape = [3, 64, 2];
