@@ -495,6 +495,14 @@ fn float_data(dtype: Dtype, bytes: &[u8], shape: Vec<usize>, precision: Precisio
     })
 }
 
+/// Which tensor of a quantized weight `K` an entry is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Values,
+    Scale,
+    Row,
+}
+
 /// The tensors of one quantized weight `K`: `K`, `K.qscale`, `K.qscale_row`.
 #[derive(Default)]
 struct Parts {
@@ -676,37 +684,40 @@ fn load_in_chunks<M: ModuleSnapshot>(module: &mut M, component: &str, path: &Pat
             packed_bytes = 0;
         }
         let (quant, kind) = (quant_cell.get(), kind_cell.get());
-        let (base, slot) = if let Some(base) = e.name.strip_suffix(ROW_SCALE_SUFFIX) {
-            (base.to_string(), 2)
+        // A quantized weight `K` comes as `K`, `K.qscale` and (u8 block scales) `K.qscale_row`, in any order.
+        let part = if let Some(base) = e.name.strip_suffix(ROW_SCALE_SUFFIX) {
+            Some((base.to_string(), Part::Row))
         } else if let Some(base) = e.name.strip_suffix(SCALE_SUFFIX) {
-            (base.to_string(), 1)
+            Some((base.to_string(), Part::Scale))
         } else if matches!(e.dtype, Dtype::I8 | Dtype::U8) {
-            (e.name.clone(), 0)
+            Some((e.name.clone(), Part::Values))
         } else {
-            (String::new(), usize::MAX)
+            None
         };
-        if slot != usize::MAX {
+        if let Some((base, part)) = part {
             if quant.is_none() {
                 return Err(corrupt(format!("{}: quantized data or scales outside a {FORMAT} file", e.name)));
             }
-            if slot == 2 && kind != Scales::BlockU8 {
+            if part == Part::Row && kind != Scales::BlockU8 {
                 return Err(corrupt(format!("{}: row scales in a file whose scales are {:?}", e.name, kind.name())));
             }
             let parts = pending.entry(base.clone()).or_default();
-            *[&mut parts.values, &mut parts.scale, &mut parts.row][slot] = Some((e, bytes));
-            if parts.values.is_some() && parts.scale.is_some() && (kind != Scales::BlockU8 || parts.row.is_some()) {
-                let parts = pending.remove(&base).expect("just inserted");
-                let (values, scale) = (parts.values.expect("checked"), parts.scale.expect("checked"));
-                packed_bytes += values.1.len();
-                let pack = quantized_pack(component_prefix(&base), values.0, values.1, scale, parts.row, quant, kind,
-                                          path, widen)?;
-                if crate::kernels::is_packed4(pack.dtype) {
-                    let name = pack.name.clone();
-                    let data = burn::store::bridge::into_data(pack)
-                        .map_err(|err| Error::Internal(format!("{name}: {err:?}")))?;
+            match part {
+                Part::Values => parts.values = Some((e, bytes)),
+                Part::Scale => parts.scale = Some((e, bytes)),
+                Part::Row => parts.row = Some((e, bytes)),
+            }
+            let complete = parts.values.is_some() && parts.scale.is_some()
+                && (kind != Scales::BlockU8 || parts.row.is_some());
+            if complete && let Some(Parts { values: Some((entry, values)), scale: Some(scale), row }) =
+                pending.remove(&base) {
+                packed_bytes += values.len();
+                let name = component_prefix(&base);
+                let data = quantized_pack(entry, values, scale, row, quant, kind, path, widen)?;
+                if crate::kernels::is_packed4(data.dtype()) {
                     packed4.insert(name, data);
                 } else {
-                    packs.push(pack);
+                    packs.push(burn::store::bridge::from_data(data, name, None));
                 }
             }
             return Ok(());
@@ -732,7 +743,7 @@ fn load_in_chunks<M: ModuleSnapshot>(module: &mut M, component: &str, path: &Pat
     Ok(Loaded { sha256, quant })
 }
 
-/// A quantized weight as a burn `QFloat` tensor in burn's layout (a `Linear`'s weight transposed to `[in, out]`), or
+/// A quantized weight's data as a burn `QFloat` tensor in burn's layout (a `Linear`'s weight transposed to `[in, out]`), or
 /// with `widen`, as a floating-point tensor of that precision in the file's layout (`q × scale`, computed in f32 as
 /// the CPU's per-call dequantization does).
 ///
@@ -742,8 +753,8 @@ fn load_in_chunks<M: ModuleSnapshot>(module: &mut M, component: &str, path: &Pat
 /// this format's blocks run along the input axis, which burn's `[in, out]` `Linear` layout (and a k×k convolution's
 /// `[out, in, k, k]`) does not keep contiguous: every value is read with another block's scale.
 #[allow(clippy::too_many_arguments)]
-fn quantized_pack(name: String, e: Entry, bytes: Vec<u8>, scale: (Entry, Vec<u8>), row: Option<(Entry, Vec<u8>)>,
-                  quant: Option<Quant>, kind: Scales, path: &Path, widen: Option<Precision>) -> Result<PackTensor> {
+fn quantized_pack(e: Entry, bytes: Vec<u8>, scale: (Entry, Vec<u8>), row: Option<(Entry, Vec<u8>)>,
+                  quant: Option<Quant>, kind: Scales, path: &Path, widen: Option<Precision>) -> Result<TensorData> {
     let corrupt = |m: String| Error::CorruptWeights { file: path.to_path_buf(), message: format!("{}: {m}", e.name) };
     let quant = quant.filter(|q| *q != Quant::F16).ok_or_else(|| corrupt("integer weights in an f16 file".into()))?;
     if !matches!(e.shape.len(), 2 | 4) {
@@ -825,7 +836,7 @@ fn quantized_pack(name: String, e: Entry, bytes: Vec<u8>, scale: (Entry, Vec<u8>
             Precision::F32 => TensorData::new(values.collect::<Vec<f32>>(), shape),
             Precision::F16 => TensorData::new(values.map(f16::from_f32).collect::<Vec<f16>>(), shape),
         };
-        return Ok(burn::store::bridge::from_data(data, name, None));
+        return Ok(data);
     }
     // burn QFloat, in the file's bytes: int8 one value per i8; int4 **two values per i8** (`Q4S` is unsee's mark
     // for that, [`crate::kernels::is_packed4`]: burn's CPU backend would otherwise hold one i8 per 4-bit value), its
@@ -865,7 +876,7 @@ fn quantized_pack(name: String, e: Entry, bytes: Vec<u8>, scale: (Entry, Vec<u8>
         TensorData::quantized(values, e.shape.clone(), scheme.per_block([1, block as u8, 1, 1], ScaleDtype::F32),
                               &scales, None)
     };
-    Ok(burn::store::bridge::from_data(data, name, None))
+    Ok(data)
 }
 
 #[cfg(test)]
@@ -885,14 +896,20 @@ mod tests {
         assert_eq!(storage("down_blocks.0.resnets.0.conv1.bias", &[320]), Storage::F16);
     }
 
-    /// Loading in chunks of one tensor gives the same module as loading in one chunk, for int8 and int4 files of a
-    /// (randomly initialised) tiny VAE, and a missing tensor is still reported once.
-    #[test]
-    fn chunked_loading_is_the_same_load() {
+    /// The tiny model's VAE config, the CPU device and a randomly initialised VAE.
+    fn tiny_vae() -> (crate::vae::VaeConfig, burn::tensor::Device, crate::vae::AutoencoderKL) {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-sd");
         let cfg: crate::vae::VaeConfig = crate::model::read_config(&root, "vae", "config.json").unwrap();
         let dev = burn::tensor::Device::flex();
         let vae = crate::vae::AutoencoderKL::new(&cfg, &dev).unwrap();
+        (cfg, dev, vae)
+    }
+
+    /// Loading in chunks of one tensor gives the same module as loading in one chunk, for int8 and int4 files of a
+    /// (randomly initialised) tiny VAE, and a missing tensor is still reported once.
+    #[test]
+    fn chunked_loading_is_the_same_load() {
+        let (cfg, dev, vae) = tiny_vae();
         let dir = std::env::temp_dir().join(format!("unsee-quant-chunks-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let values = |m: &crate::vae::AutoencoderKL| -> Vec<f32> {
@@ -967,10 +984,7 @@ mod tests {
     /// name, nothing panics.
     #[test]
     fn broken_packed_files_are_refused_by_name() {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-sd");
-        let cfg: crate::vae::VaeConfig = crate::model::read_config(&root, "vae", "config.json").unwrap();
-        let dev = burn::tensor::Device::flex();
-        let vae = crate::vae::AutoencoderKL::new(&cfg, &dev).unwrap();
+        let (cfg, dev, vae) = tiny_vae();
         let (tensors, _) = quantize_module(&vae, Quant::Int4).unwrap();
         let dir = std::env::temp_dir().join(format!("unsee-quant-broken-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

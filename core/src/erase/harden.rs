@@ -227,13 +227,13 @@ pub fn harden(sd: &StableDiffusion, spec: &Spec, progress: &mut dyn FnMut(&str, 
     let mut rng = ChaCha8Rng::seed_from_u64(p.seed);
     let t_images = Instant::now();
 
-    // The x₀ pool: concept prompts on the spec's templates, drawn by the (frozen) model.
     // One base-model picture (latents) of `prompt`, as the pools below draw them.
     let draw = |prompt: String, seed: u64| -> Result<Tensor<4>> {
         let req = GenerateRequest { prompt, steps: p.image_steps, guidance: p.image_guidance, seed, ..Default::default() };
         Ok(sd.generate(&req, Inputs { cancelled: Some(cancelled), ..Default::default() },
                        &mut |_| Control::Continue, Target::Latents)?.latents)
     };
+    // The x₀ pool: concept prompts on the spec's templates, drawn by the (frozen) model.
     let mut pool = vec![];
     for k in 0..p.images {
         check_cancelled(cancelled)?;
