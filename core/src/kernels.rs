@@ -30,6 +30,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use burn::backend::{Flex, flex::FlexTensor};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use rayon::prelude::*;
 
@@ -51,15 +52,36 @@ pub fn takes(operands: &[&Tensor<3>]) -> bool {
         && operands.iter().all(|x| x.dtype() == DType::F32 && !x.is_autodiff() && x.device() == Device::flex())
 }
 
+/// A CPU f32 tensor as flex holds it, contiguous from the start of its own buffer, so that [`values`] reads it in
+/// place and `storage_mut` changes it in place (or copies it once when another tensor shares the buffer). burn's
+/// `into_data` copies a shared buffer (a module's weight, an activation kept for a residual) twice: flex copies the
+/// values out, then cubecl's `Bytes::from_bytes_vec` copies them again to realign (burn-flex 0.22.1,
+/// cubecl-environment 0.11.3). Only a view that is not already such a buffer is copied here, once. The caller has
+/// checked that the tensor is f32 on the CPU ([`takes`], [`takes_image`]).
+fn flex_f32<const D: usize>(t: Tensor<D>) -> FlexTensor {
+    let t = t.try_into_primitive::<Flex>().expect("a CPU tensor, checked by the caller");
+    let n = t.layout().num_elements();
+    if t.layout().contiguous_offsets() == Some((0, n)) && t.bytes().len() == n * 4 { t } else { t.to_contiguous() }
+}
+
+/// The values of a tensor made by [`flex_f32`].
+fn values(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().expect("contiguous f32, made by `flex_f32`")
+}
+
+/// An f32 CPU tensor of `shape` holding `v`.
+fn tensor<const D: usize>(v: Vec<f32>, shape: [usize; D]) -> Tensor<D> {
+    Tensor::from_primitive::<Flex>(FlexTensor::from_data(TensorData::new(v, shape)))
+}
+
 /// `softmax(q kᵀ · scale) v` per head, on `[batch, seq, heads·dim]` projections (`q` may have another sequence
 /// length than `k`/`v`). Returns `[batch, seq_q, heads·dim]`. The caller checks [`takes`], that no dimension is 0
 /// and that `heads` divides the width.
 pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, scale: f32) -> Tensor<3> {
-    let device = q.device();
     let [b, sq, c] = q.dims();
     let sk = k.dims()[1];
-    let vec = |t: Tensor<3>| t.into_data().try_into_vec::<f32>().expect("f32 checked by `takes`");
-    let (q, k, v) = (vec(q), vec(k), vec(v));
+    let (q, k, v) = (flex_f32(q), flex_f32(k), flex_f32(v));
+    let (q, k, v) = (values(&q), values(&k), values(&v));
     let mut out = vec![0f32; b * sq * c];
     let d = c / heads;
     // Tasks: (batch, block of query rows); each writes its own rows of `out` for every head.
@@ -68,32 +90,41 @@ pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, scale: 
         .for_each(|(batch, block, o)| {
             let rows = o.len() / c;
             let row0 = batch * sq + block * ROWS;
+            // The block's scores, then its probabilities, column-major (`rows` query rows per key), so that the
+            // softmax runs across query rows in vector lanes; the head's output likewise (`rows` per column).
             let mut scores = vec![0f32; rows * sk];
+            let mut out_h = vec![0f32; rows * d];
+            let (mut max, mut sum) = (vec![0f32; rows], vec![0f32; rows]);
             for h in 0..heads {
                 let q_ptr = q[row0 * c + h * d..].as_ptr();
                 let k_ptr = k[batch * sk * c + h * d..].as_ptr();
                 let v_ptr = v[batch * sk * c + h * d..].as_ptr();
                 // SAFETY: every pointer/stride pair stays inside its slice: `rows` query rows of `c` values from
                 // `row0`, `sk` key/value rows of `c` values from the batch's first row, `d` columns from `h·d`;
-                // `scores` is `rows × sk` and `o` is `rows × c`.
+                // `scores` is `rows × sk` and `out_h` is `rows × d`, both column-major.
                 unsafe {
                     // scores = scale · Q_h Kᵀ_h   (m = rows, n = sk, k = d)
-                    gemm::gemm(rows, sk, d, scores.as_mut_ptr(), 1, sk as isize, false,
+                    gemm::gemm(rows, sk, d, scores.as_mut_ptr(), rows as isize, 1, false,
                                q_ptr, 1, c as isize, k_ptr, c as isize, 1,
                                0.0, scale, false, false, false, gemm::Parallelism::None);
                 }
-                for row in scores.chunks_exact_mut(sk) {
-                    softmax_row(row);
-                }
+                softmax_columns(&mut scores, &mut max, &mut sum);
                 unsafe {
-                    // out_h = P V_h   (m = rows, n = d, k = sk)
-                    gemm::gemm(rows, d, sk, o[h * d..].as_mut_ptr(), 1, c as isize, false,
-                               scores.as_ptr(), 1, sk as isize, v_ptr, 1, c as isize,
+                    // out_h = P V_h   (m = rows, n = d, k = sk), P not yet normalised
+                    gemm::gemm(rows, d, sk, out_h.as_mut_ptr(), rows as isize, 1, false,
+                               scores.as_ptr(), rows as isize, 1, v_ptr, 1, c as isize,
                                0.0, 1.0, false, false, false, gemm::Parallelism::None);
+                }
+                // Each row's normalisation on its `d` outputs rather than on its `sk` probabilities.
+                for (r, (out, s)) in o.chunks_exact_mut(c).zip(&sum).enumerate() {
+                    let inv = 1.0 / s;
+                    for (j, x) in out[h * d..(h + 1) * d].iter_mut().enumerate() {
+                        *x = out_h[j * rows + r] * inv;
+                    }
                 }
             }
         });
-    Tensor::from_data(TensorData::new(out, [b, sq, c]), &device)
+    tensor(out, [b, sq, c])
 }
 
 /// Whether `dtype` is a 4-bit weight as unsee holds it on the CPU: burn `QFloat` `Q4S` whose stored i8 values are
@@ -227,9 +258,9 @@ pub fn widen_f16<const D: usize>(w: &Tensor<D>) -> Option<Tensor<D>> {
 /// `interpolate` gathers every output value through an index map in a scalar loop. Same values (tested). The
 /// caller checks [`takes_image`].
 pub fn upsample_nearest_2x(x: Tensor<4>) -> Tensor<4> {
-    let device = x.device();
     let [b, c, h, w] = x.dims();
-    let v = x.into_data().try_into_vec::<f32>().expect("f32 checked by `takes_image`");
+    let x = flex_f32(x);
+    let v = values(&x);
     let (oh, ow) = (2 * h, 2 * w);
     let mut out = vec![0f32; b * c * oh * ow];
     if h * w > 0 {
@@ -244,7 +275,7 @@ pub fn upsample_nearest_2x(x: Tensor<4>) -> Tensor<4> {
             }
         });
     }
-    Tensor::from_data(TensorData::new(out, [b, c, oh, ow]), &device)
+    tensor(out, [b, c, oh, ow])
 }
 
 /// A raw pointer shared by tasks that write disjoint parts of one buffer.
@@ -254,6 +285,11 @@ struct SharedMut(*mut f32);
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
+thread_local! {
+    /// [`conv2d`]'s im2col columns, one buffer per thread.
+    static SCRATCH: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 /// `conv2d` (groups 1, dilation 1) of `x: [b, c_in, h, w]` by `weight: [c_out, c_in, kh, kw]` (PyTorch layout) with
 /// `stride` and padding `[[top, bottom], [left, right]]`, plus `bias`. Per tile of whole output rows: the columns
 /// `[c_in·kh·kw, positions]` (row copies for stride 1, zeros in the padding), one `gemm` into the output with the
@@ -261,14 +297,13 @@ unsafe impl Sync for SharedMut {}
 /// the padded input covers the kernel.
 pub fn conv2d(x: Tensor<4>, weight: Tensor<4>, bias: Option<Vec<f32>>, stride: [usize; 2], pad: [[usize; 2]; 2])
     -> Tensor<4> {
-    let device = x.device();
     let [b, ci, h, w] = x.dims();
     let [co, _, kh, kw] = weight.dims();
     let ([pt, pb], [pl, pr]) = (pad[0], pad[1]);
     let [sh, sw] = stride;
     let (oh, ow) = ((h + pt + pb - kh) / sh + 1, (w + pl + pr - kw) / sw + 1);
-    let vec = |t: Tensor<4>| t.into_data().try_into_vec::<f32>().expect("f32 checked by `takes_image`");
-    let (xv, wv) = (vec(x), vec(weight));
+    let (x, weight) = (flex_f32(x), flex_f32(weight));
+    let (xv, wv) = (values(&x), values(&weight));
     let (k, plane) = (ci * kh * kw, oh * ow);
     let mut out = vec![0f32; b * co * plane];
     let rows = (256 / ow).max(1);
@@ -286,7 +321,13 @@ pub fn conv2d(x: Tensor<4>, weight: Tensor<4>, bias: Option<Vec<f32>>, stride: [
         let (bi, tile) = (t / tiles, t % tiles);
         let (y0, y1) = (tile * rows, ((tile + 1) * rows).min(oh));
         let n = (y1 - y0) * ow;
-        let mut col = vec![0f32; k * n];
+        // The columns go into this thread's scratch buffer, reused from tile to tile (taken out, so that a nested
+        // call on the same thread would only allocate its own); every value is written below, padding included.
+        let mut scratch = SCRATCH.take();
+        if scratch.len() < k * n {
+            scratch = vec![0f32; k * n];
+        }
+        let col = &mut scratch[..k * n];
         let xb = &xv[bi * ci * h * w..(bi + 1) * ci * h * w];
         for c in 0..ci {
             for ki in 0..kh {
@@ -294,22 +335,23 @@ pub fn conv2d(x: Tensor<4>, weight: Tensor<4>, bias: Option<Vec<f32>>, stride: [
                     let r = &mut col[((c * kh + ki) * kw + kj) * n..][..n];
                     for (dy, oy) in (y0..y1).enumerate() {
                         let iy = (oy * sh + ki) as isize - pt as isize;
+                        let dst_row = &mut r[dy * ow..(dy + 1) * ow];
                         if iy < 0 || iy >= h as isize {
+                            dst_row.fill(0.0);
                             continue;
                         }
                         let src = &xb[(c * h + iy as usize) * w..][..w];
-                        let dst_row = &mut r[dy * ow..(dy + 1) * ow];
                         if sw == 1 {
                             // ix = ox + kj − pl inside [0, w)
                             let lo = pl.saturating_sub(kj).min(ow);
                             let hi = (w + pl).saturating_sub(kj).min(ow).max(lo);
+                            dst_row[..lo].fill(0.0);
                             dst_row[lo..hi].copy_from_slice(&src[lo + kj - pl..hi + kj - pl]);
+                            dst_row[hi..].fill(0.0);
                         } else {
                             for (ox, d) in dst_row.iter_mut().enumerate() {
                                 let ix = (ox * sw + kj) as isize - pl as isize;
-                                if ix >= 0 && ix < w as isize {
-                                    *d = src[ix as usize];
-                                }
+                                *d = if ix >= 0 && ix < w as isize { src[ix as usize] } else { 0.0 };
                             }
                         }
                     }
@@ -330,13 +372,14 @@ pub fn conv2d(x: Tensor<4>, weight: Tensor<4>, bias: Option<Vec<f32>>, stride: [
                 }
             }
         }
+        SCRATCH.set(scratch);
     };
     if matches!(inner, gemm::Parallelism::None) {
         (0..tasks).into_par_iter().for_each(task);
     } else {
         (0..tasks).for_each(task);
     }
-    Tensor::from_data(TensorData::new(out, [b, co, oh, ow]), &device)
+    tensor(out, [b, co, oh, ow])
 }
 
 /// Whether the `[b, c, h, w]` kernels ([`group_norm`], [`upsample_nearest_2x`]) handle `x`: f32 on the CPU outside
@@ -350,10 +393,10 @@ pub fn takes_image(x: &Tensor<4>) -> bool {
 /// `groups` divides the channels and `gamma`/`beta` (if any) have one value per channel.
 pub fn group_norm(x: Tensor<4>, groups: usize, gamma: Option<Vec<f32>>, beta: Option<Vec<f32>>, eps: f64,
                   silu: bool) -> Tensor<4> {
-    let device = x.device();
-    let dims = x.dims();
-    let [_, c, h, w] = dims;
-    let mut v = x.into_data().try_into_vec::<f32>().expect("f32 checked by `takes_image`");
+    let [_, c, h, w] = x.dims();
+    // In place when no other tensor holds `x` (else one copy).
+    let mut x = flex_f32(x);
+    let v = x.storage_mut::<f32>();
     let (cg, hw) = (c / groups, h * w);
     if cg * hw > 0 {
         v.par_chunks_mut(cg * hw).enumerate().for_each(|(i, chunk)| {
@@ -371,7 +414,7 @@ pub fn group_norm(x: Tensor<4>, groups: usize, gamma: Option<Vec<f32>>, beta: Op
             }
         });
     }
-    Tensor::from_data(TensorData::new(v, dims), &device)
+    Tensor::from_primitive::<Flex>(x)
 }
 
 /// `Σ f(x)` over a slice: f32 sums of 8 lanes over blocks of 1,024 values (vectorised), the blocks added in f64.
@@ -393,10 +436,22 @@ fn sum_f64(xs: &[f32], f: impl Fn(f32) -> f32 + Copy) -> f64 {
 /// [`softmax_row`].
 fn affine(xs: &mut [f32], m: f32, a: f32, b: f32, silu: bool) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the features were just detected.
-        return unsafe { affine_avx2(xs, m, a, b, silu) };
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the feature was just detected.
+            return unsafe { affine_avx512(xs, m, a, b, silu) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the features were just detected.
+            return unsafe { affine_avx2(xs, m, a, b, silu) };
+        }
     }
+    affine_portable(xs, m, a, b, silu)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn affine_avx512(xs: &mut [f32], m: f32, a: f32, b: f32, silu: bool) {
     affine_portable(xs, m, a, b, silu)
 }
 
@@ -423,56 +478,81 @@ fn affine_portable(xs: &mut [f32], m: f32, a: f32, b: f32, silu: bool) {
     }
 }
 
-/// In-place softmax of one row, with [`exp`] vectorised by the compiler (AVX2+FMA when the CPU has them).
-fn softmax_row(row: &mut [f32]) {
+/// Softmax numerators of a block of scores stored column-major (`max.len()` query rows per key, each key a
+/// column), in place: `p = e^(x − max_row)`; `sum` receives each row's total, by which the caller divides (the
+/// attention divides its `d` outputs per row rather than the `sk` probabilities). The rows are the vector lanes,
+/// so no horizontal reduction is needed. A row with a NaN score, or with only −∞ scores, gets a NaN sum (NaN −
+/// anything, and −∞ − −∞, are NaN), as burn's softmax gives NaN there. [`exp`] is vectorised by the compiler for
+/// the widest vector unit the CPU has (AVX-512, else AVX2 + FMA).
+fn softmax_columns(scores: &mut [f32], max: &mut [f32], sum: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the features were just detected.
-        return unsafe { softmax_row_avx2(row) };
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the feature was just detected.
+            return unsafe { softmax_columns_avx512(scores, max, sum) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the features were just detected.
+            return unsafe { softmax_columns_avx2(scores, max, sum) };
+        }
     }
-    softmax_row_portable(row)
+    softmax_columns_portable(scores, max, sum)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn softmax_columns_avx512(scores: &mut [f32], max: &mut [f32], sum: &mut [f32]) {
+    softmax_columns_portable(scores, max, sum)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn softmax_row_avx2(row: &mut [f32]) {
-    softmax_row_portable(row)
+fn softmax_columns_avx2(scores: &mut [f32], max: &mut [f32], sum: &mut [f32]) {
+    softmax_columns_portable(scores, max, sum)
 }
 
 #[inline(always)]
-fn softmax_row_portable(row: &mut [f32]) {
-    let max = lanes_fold(row, f32::NEG_INFINITY, f32::max);
-    if max == f32::NEG_INFINITY || max.is_nan() {
-        // Only -inf scores (or NaN): no finite distribution; NaN propagates as burn's softmax does.
-        row.fill(f32::NAN);
-        return;
+fn softmax_columns_portable(scores: &mut [f32], max: &mut [f32], sum: &mut [f32]) {
+    if let (Ok(max), Ok(sum)) = (<&mut [f32; ROWS]>::try_from(&mut *max), <&mut [f32; ROWS]>::try_from(&mut *sum)) {
+        return softmax_columns_fixed(scores, max, sum);
     }
-    for x in row.iter_mut() {
-        *x = exp(*x - max);
-    }
-    let inv = 1.0 / lanes_fold(row, 0.0, |a, b| a + b);
-    for x in row.iter_mut() {
-        *x *= inv;
-    }
-}
-
-/// Folds `xs` with 8 independent accumulators, so the loop vectorises (a float reduction in one accumulator
-/// cannot be reordered by the compiler).
-#[inline(always)]
-fn lanes_fold(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
-    let mut acc = [init; 8];
-    let chunks = xs.chunks_exact(8);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for j in 0..8 {
-            acc[j] = f(acc[j], c[j]);
+    let rows = max.len();
+    max.fill(f32::NEG_INFINITY);
+    for col in scores.chunks_exact(rows) {
+        for (m, x) in max.iter_mut().zip(col) {
+            // Not `f32::max`: a NaN score must not be dropped here (it reaches the sum either way).
+            *m = if *x > *m { *x } else { *m };
         }
     }
-    let mut r = init;
-    for a in acc.into_iter().chain(tail.iter().copied()) {
-        r = f(r, a);
+    sum.fill(0.0);
+    for col in scores.chunks_exact_mut(rows) {
+        for ((x, m), s) in col.iter_mut().zip(&*max).zip(sum.iter_mut()) {
+            let e = exp(*x - m);
+            *x = e;
+            *s += e;
+        }
     }
-    r
+}
+
+/// [`softmax_columns_portable`] for a full block of `W` rows: the running maxima and sums are fixed-size arrays
+/// the compiler keeps in vector registers (the general loop loads and stores them at every key).
+#[inline(always)]
+fn softmax_columns_fixed<const W: usize>(scores: &mut [f32], max: &mut [f32; W], sum: &mut [f32; W]) {
+    let mut m = [f32::NEG_INFINITY; W];
+    for col in scores.chunks_exact(W) {
+        for j in 0..W {
+            m[j] = if col[j] > m[j] { col[j] } else { m[j] };
+        }
+    }
+    let mut s = [0f32; W];
+    for col in scores.chunks_exact_mut(W) {
+        for j in 0..W {
+            let e = exp(col[j] - m[j]);
+            col[j] = e;
+            s[j] += e;
+        }
+    }
+    (*max, *sum) = (m, s);
 }
 
 /// `eˣ` for `x ≤ 0` (softmax arguments) with ~1 ulp error, branch-free so that loops over it vectorise:
@@ -519,6 +599,37 @@ mod tests {
         assert_eq!(exp(-100.0), 0.0);
         assert_eq!(exp(f32::NEG_INFINITY), 0.0);
         assert!(exp(f32::NAN).is_nan());
+    }
+
+    /// The column softmax (the path this CPU takes and the portable one) gives each row's numerators and sum as
+    /// an f64 reference does, for blocks of any height and width; a row with a NaN score or only −∞ scores gets a
+    /// NaN sum, and leaves the other rows alone.
+    #[test]
+    fn softmax_columns_match_a_reference() {
+        for (rows, keys) in [(1usize, 1usize), (7, 5), (16, 77), (17, 100), (64, 4096), (3, 300)] {
+            let x: Vec<f32> = (0..rows * keys).map(|i| (i as f32 * 0.73).sin() * 30.0 - 5.0).collect();
+            let (mut a, mut b) = (x.clone(), x.clone());
+            let (mut ma, mut sa, mut mb, mut sb) = (vec![0.0; rows], vec![0.0; rows], vec![0.0; rows], vec![0.0; rows]);
+            softmax_columns(&mut a, &mut ma, &mut sa);
+            softmax_columns_portable(&mut b, &mut mb, &mut sb);
+            for r in 0..rows {
+                let row = |v: &[f32]| (0..keys).map(|j| v[j * rows + r]).collect::<Vec<f32>>();
+                let max = row(&x).into_iter().fold(f32::NEG_INFINITY, f32::max);
+                let want: Vec<f64> = row(&x).iter().map(|v| ((v - max) as f64).exp()).collect();
+                let total: f64 = want.iter().sum();
+                assert!((sa[r] as f64 - total).abs() < 1e-5 * total && (sa[r] - sb[r]).abs() <= 1e-6 * sb[r],
+                        "{rows}×{keys} row {r}: sum {} / {} vs {total}", sa[r], sb[r]);
+                for ((p, q), w) in row(&a).iter().zip(row(&b)).zip(&want) {
+                    assert!((p - q).abs() <= 1e-7 && (*p as f64 - w).abs() < 1e-6, "{p} {q} {w}");
+                }
+            }
+        }
+        // rows 0 and 2 of 3 are poisoned; row 1 stays finite.
+        let mut x = vec![f32::NEG_INFINITY, 0.5, 0.0, f32::NEG_INFINITY, 1.0, f32::NAN];
+        let (mut m, mut s) = (vec![0.0; 3], vec![0.0; 3]);
+        softmax_columns(&mut x, &mut m, &mut s);
+        assert!(s[0].is_nan() && s[2].is_nan(), "{s:?}");
+        assert!((s[1] - (1.0 + (-0.5f32).exp())).abs() < 1e-6, "{s:?}");
     }
 
     #[test]
