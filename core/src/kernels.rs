@@ -42,8 +42,13 @@ pub fn set_enabled(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
 }
 
-/// Query rows per task: the block's scores (`ROWS × seq_kv` f32) stay in L2 for the 4,096 keys of a 64² latent.
-const ROWS: usize = 64;
+/// Query rows per task for heads of ≥ 32 dimensions: the block's scores (`128 × 4,096` f32 for a 64² latent, 2 MiB)
+/// stay in this CPU's L2, and `gemm` packs each head's keys and values once per 128 rows (measured against 64 and
+/// 256: 10–20 % faster on SD-1.5's 40–160-dimension heads, README *Benchmark*).
+const ROWS_WIDE: usize = 128;
+/// Query rows per task for narrower heads (the tiny test models' 4–8), where the softmax dominates and 64 rows
+/// keep its running maxima and sums in vector registers (128 measured 20 % slower on the tiny UNet at 512²).
+const ROWS_NARROW: usize = 64;
 
 /// Whether [`attention`] handles these operands: all f32, on the CPU, and none of them in autodiff (in an attack
 /// only the keys and values may carry the gradient: the text side is the variable, the latents are not).
@@ -84,12 +89,13 @@ pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, scale: 
     let (q, k, v) = (values(&q), values(&k), values(&v));
     let mut out = vec![0f32; b * sq * c];
     let d = c / heads;
+    let block_rows = if d >= 32 { ROWS_WIDE } else { ROWS_NARROW };
     // Tasks: (batch, block of query rows); each writes its own rows of `out` for every head.
     out.par_chunks_mut(sq * c).enumerate()
-        .flat_map(|(batch, ob)| ob.par_chunks_mut(ROWS * c).enumerate().map(move |(block, o)| (batch, block, o)))
+        .flat_map(|(batch, ob)| ob.par_chunks_mut(block_rows * c).enumerate().map(move |(block, o)| (batch, block, o)))
         .for_each(|(batch, block, o)| {
             let rows = o.len() / c;
-            let row0 = batch * sq + block * ROWS;
+            let row0 = batch * sq + block * block_rows;
             // The block's scores, then its probabilities, column-major (`rows` query rows per key), so that the
             // softmax runs across query rows in vector lanes; the head's output likewise (`rows` per column).
             let mut scores = vec![0f32; rows * sk];
@@ -285,8 +291,11 @@ struct SharedMut(*mut f32);
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
+/// The largest column buffer (f32 values) a thread keeps between [`conv2d`] calls: 16 MiB.
+const SCRATCH_MAX: usize = 1 << 22;
+
 thread_local! {
-    /// [`conv2d`]'s im2col columns, one buffer per thread.
+    /// [`conv2d`]'s im2col columns, one buffer per thread, kept up to [`SCRATCH_MAX`].
     static SCRATCH: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
@@ -306,7 +315,9 @@ pub fn conv2d(x: Tensor<4>, weight: Tensor<4>, bias: Option<Vec<f32>>, stride: [
     let (xv, wv) = (values(&x), values(&weight));
     let (k, plane) = (ci * kh * kw, oh * ow);
     let mut out = vec![0f32; b * co * plane];
-    let rows = (256 / ow).max(1);
+    // Tiles of whole output rows, ~256 positions each; a plane below 64×64 is one tile: there the weight (up to
+    // 1,280 × 11,520 values in SD-1.5's UNet) is the large operand, which `gemm` would pack again for every tile.
+    let rows = if plane < 64 * 64 { oh } else { (256 / ow).max(1) };
     let tiles = oh.div_ceil(rows);
     let tasks = b * tiles;
     // Few tiles (small latents): one tile at a time with gemm's own threads; else tiles in parallel.
@@ -321,6 +332,7 @@ pub fn conv2d(x: Tensor<4>, weight: Tensor<4>, bias: Option<Vec<f32>>, stride: [
         let (bi, tile) = (t / tiles, t % tiles);
         let (y0, y1) = (tile * rows, ((tile + 1) * rows).min(oh));
         let n = (y1 - y0) * ow;
+        let xb = &xv[bi * ci * h * w..(bi + 1) * ci * h * w];
         // The columns go into this thread's scratch buffer, reused from tile to tile (taken out, so that a nested
         // call on the same thread would only allocate its own); every value is written below, padding included.
         let mut scratch = SCRATCH.take();
@@ -328,7 +340,6 @@ pub fn conv2d(x: Tensor<4>, weight: Tensor<4>, bias: Option<Vec<f32>>, stride: [
             scratch = vec![0f32; k * n];
         }
         let col = &mut scratch[..k * n];
-        let xb = &xv[bi * ci * h * w..(bi + 1) * ci * h * w];
         for c in 0..ci {
             for ki in 0..kh {
                 for kj in 0..kw {
@@ -372,7 +383,9 @@ pub fn conv2d(x: Tensor<4>, weight: Tensor<4>, bias: Option<Vec<f32>>, stride: [
                 }
             }
         }
-        SCRATCH.set(scratch);
+        if scratch.len() <= SCRATCH_MAX {
+            SCRATCH.set(scratch);
+        }
     };
     if matches!(inner, gemm::Parallelism::None) {
         (0..tasks).into_par_iter().for_each(task);
@@ -382,9 +395,33 @@ pub fn conv2d(x: Tensor<4>, weight: Tensor<4>, bias: Option<Vec<f32>>, stride: [
     tensor(out, [b, co, oh, ow])
 }
 
-/// Whether the `[b, c, h, w]` kernels ([`group_norm`], [`upsample_nearest_2x`]) handle `x`: f32 on the CPU outside
-/// autodiff.
-pub fn takes_image(x: &Tensor<4>) -> bool {
+/// `x · w + bias` over the last axis of `x` (`w`: `[in, out]`, burn's `Linear` layout): one `gemm` straight into
+/// the output, the bias written first and accumulated into (no separate pass). burn flex's `matmul` allocates its
+/// output zeroed as bytes and then copies it to realign it (`FlexTensor::empty`), two passes over an output as
+/// large as a GEGLU's `[2, 4096, 2560]`, and adds the bias in a third. The caller checks [`takes_image`] for every
+/// operand and that `x`'s last axis is `w`'s first.
+pub fn linear<const D: usize>(x: Tensor<D>, w: Tensor<2>, bias: Option<Tensor<1>>) -> Tensor<D> {
+    let mut dims = x.dims();
+    let [k, n] = w.dims();
+    let m = dims[..D - 1].iter().product::<usize>();
+    dims[D - 1] = n;
+    let (x, w, bias) = (flex_f32(x), flex_f32(w), bias.map(flex_f32));
+    let mut out = vec![0f32; m * n];
+    if let Some(b) = &bias {
+        out.par_chunks_mut(n.max(1)).for_each(|row| row.copy_from_slice(values(b)));
+    }
+    let parallelism = if m * n * k >= 192 * 192 * 192 { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
+    // SAFETY: `x` is m × k, `w` k × n and `out` m × n, all row-major and contiguous.
+    unsafe {
+        gemm::gemm(m, n, k, out.as_mut_ptr(), 1, n as isize, bias.is_some(), values(&x).as_ptr(), 1, k as isize,
+                   values(&w).as_ptr(), 1, n as isize, 1.0, 1.0, false, false, false, parallelism);
+    }
+    tensor(out, dims)
+}
+
+/// Whether the kernels on image-shaped or any other CPU tensors ([`group_norm`], [`upsample_nearest_2x`],
+/// [`conv2d`], [`linear`]) handle `x`: f32 on the CPU outside autodiff.
+pub fn takes_image<const D: usize>(x: &Tensor<D>) -> bool {
     ENABLED.load(Ordering::Relaxed) && x.dtype() == DType::F32 && !x.is_autodiff() && x.device() == Device::flex()
 }
 
@@ -513,7 +550,10 @@ fn softmax_columns_avx2(scores: &mut [f32], max: &mut [f32], sum: &mut [f32]) {
 
 #[inline(always)]
 fn softmax_columns_portable(scores: &mut [f32], max: &mut [f32], sum: &mut [f32]) {
-    if let (Ok(max), Ok(sum)) = (<&mut [f32; ROWS]>::try_from(&mut *max), <&mut [f32; ROWS]>::try_from(&mut *sum)) {
+    if let (Ok(max), Ok(sum)) = (<&mut [f32; ROWS_NARROW]>::try_from(&mut *max), <&mut [f32; ROWS_NARROW]>::try_from(&mut *sum)) {
+        return softmax_columns_fixed(scores, max, sum);
+    }
+    if let (Ok(max), Ok(sum)) = (<&mut [f32; ROWS_WIDE]>::try_from(&mut *max), <&mut [f32; ROWS_WIDE]>::try_from(&mut *sum)) {
         return softmax_columns_fixed(scores, max, sum);
     }
     let rows = max.len();
@@ -606,7 +646,8 @@ mod tests {
     /// NaN sum, and leaves the other rows alone.
     #[test]
     fn softmax_columns_match_a_reference() {
-        for (rows, keys) in [(1usize, 1usize), (7, 5), (16, 77), (17, 100), (64, 4096), (3, 300)] {
+        for (rows, keys) in [(1usize, 1usize), (7, 5), (16, 77), (17, 100), (ROWS_NARROW, 4096), (ROWS_WIDE, 1000),
+                             (3, 300)] {
             let x: Vec<f32> = (0..rows * keys).map(|i| (i as f32 * 0.73).sin() * 30.0 - 5.0).collect();
             let (mut a, mut b) = (x.clone(), x.clone());
             let (mut ma, mut sa, mut mb, mut sb) = (vec![0.0; rows], vec![0.0; rows], vec![0.0; rows], vec![0.0; rows]);
@@ -758,7 +799,8 @@ mod tests {
     }
 
     /// Against burn's `conv2d`: 3×3 with padding 1 (the resnets), stride 2 with asymmetric padding (diffusers'
-    /// `Downsample2D` pads (0, 1, 0, 1)), a wide input (several tiles per row set), bias or not, batch 2.
+    /// `Downsample2D` pads (0, 1, 0, 1)), a wide input, bias or not, batch 2; small planes (one tile per image) and
+    /// planes of ≥ 64×64 (tiles of rows).
     #[test]
     fn conv2d_matches_burns() {
         use burn::tensor::ops::ConvOptions;
@@ -773,6 +815,11 @@ mod tests {
             ([1, 4, 8, 8], 6, 3, [2, 2], [[0, 1], [0, 1]], true),
             ([1, 3, 3, 300], 4, 3, [1, 1], [[1, 1], [1, 1]], false),
             ([1, 2, 6, 5], 3, 2, [1, 1], [[0, 0], [0, 0]], true),
+            // Planes of ≥ 64×64 outputs, tiled by rows (several tiles per image, a short last tile), unpadded then
+            // padded: the per-thread column buffer then holds the previous call's values where padding goes.
+            ([2, 3, 70, 66], 4, 3, [1, 1], [[0, 0], [0, 0]], false),
+            ([2, 3, 70, 66], 4, 3, [1, 1], [[1, 1], [1, 1]], true),
+            ([1, 2, 141, 130], 3, 3, [2, 2], [[0, 1], [0, 1]], true),
         ] {
             let xt = t(x, 0.37);
             let wt = t([co, x[1], k, k], 0.71);
@@ -787,6 +834,28 @@ mod tests {
         }
     }
 
+    /// Against burn's `linear`: with and without a bias, rank 2 and 3, small (one thread) and above the size
+    /// where `gemm` runs on rayon.
+    #[test]
+    fn linear_matches_burns() {
+        let dev = Device::flex();
+        let v = |n: usize, f: f32| (0..n).map(|i| (i as f32 * f).sin()).collect::<Vec<_>>();
+        for (rows, k, n, bias) in [(5usize, 3usize, 4usize, true), (7, 9, 2, false), (300, 200, 190, true)] {
+            let w = Tensor::<2>::from_data(TensorData::new(v(k * n, 0.71), [k, n]), &dev);
+            let b = bias.then(|| Tensor::<1>::from_data(TensorData::new(v(n, 0.13), [n]), &dev));
+            let x2 = Tensor::<2>::from_data(TensorData::new(v(rows * k, 0.37), [rows, k]), &dev);
+            let want = burn::tensor::module::linear(x2.clone(), w.clone(), b.clone());
+            let diff = (linear(x2, w.clone(), b.clone()) - want).abs().max().into_scalar::<f32>();
+            assert!(diff < 1e-4, "{rows}×{k}·{k}×{n}: max difference {diff}");
+            let x3 = Tensor::<3>::from_data(TensorData::new(v(2 * rows * k, 0.37), [2, rows, k]), &dev);
+            let want = burn::tensor::module::linear(x3.clone(), w.clone(), b.clone());
+            let got = linear(x3, w, b);
+            assert_eq!(got.dims(), [2, rows, n]);
+            let diff = (got - want).abs().max().into_scalar::<f32>();
+            assert!(diff < 1e-4, "2×{rows}×{k}·{k}×{n}: max difference {diff}");
+        }
+    }
+
     /// Against burn's own attention on the same inputs: self- and cross-attention, several heads, a sequence
     /// length that is not a multiple of the block size.
     #[test]
@@ -797,7 +866,7 @@ mod tests {
             Tensor::<3>::from_data(TensorData::new((0..n).map(|i| (i as f32 * f).sin() * 2.0).collect::<Vec<_>>(),
                                                    shape), &dev)
         };
-        for (b, sq, sk, heads, d) in [(2, 150, 150, 3, 8), (1, 70, 77, 2, 16), (2, 300, 5, 1, 4)] {
+        for (b, sq, sk, heads, d) in [(2, 150, 150, 3, 8), (1, 70, 77, 2, 16), (2, 300, 5, 1, 4), (2, 300, 260, 2, 40)] {
             let (q, k, v) = (t([b, sq, heads * d], 0.37), t([b, sk, heads * d], 0.71), t([b, sk, heads * d], 0.13));
             assert!(takes(&[&q, &k, &v]));
             assert!(!takes(&[&q, &k.clone().autodiff(), &v]), "a key in autodiff goes to burn's op");

@@ -12,8 +12,9 @@ use burn::tensor::{Device, Tensor};
 
 /// `forward` of a `Linear` or `Conv2d` on unsee's CPU kernels where they apply: a weight stored narrower than the
 /// activations — quantized, or f16 in a bundle ([`crate::quant`]) — is widened for this one call
-/// ([`crate::kernels::dequantize`]; burn's own path is single-threaded, see there) and dropped after it; large-plane
-/// k×k convolutions go to [`crate::kernels::conv2d`]; everything else to burn's `forward`.
+/// ([`crate::kernels::dequantize`]; burn's own path is single-threaded, see there) and dropped after it; f32 on the
+/// CPU outside autodiff goes to [`crate::kernels::linear`] and (k×k, k > 1) [`crate::kernels::conv2d`]; everything
+/// else to burn's `forward`.
 pub trait Forward<T> {
     fn fwd(&self, x: T) -> T;
 }
@@ -36,17 +37,26 @@ fn widened<const D: usize>(w: &Tensor<D>, to: burn::tensor::DType) -> Option<Ten
 }
 
 impl<const D: usize> Forward<Tensor<D>> for Linear {
+    /// On the CPU (f32, outside autodiff) [`crate::kernels::linear`]; else burn's.
     fn fwd(&self, x: Tensor<D>) -> Tensor<D> {
-        match widened(&self.weight.val(), x.dtype()) {
+        let stored = self.weight.val();
+        let widened = widened(&stored, x.dtype());
+        let bias = self.bias.as_ref().map(|b| b.val());
+        let w = widened.as_ref().unwrap_or(&stored);
+        let [k, n] = w.dims();
+        let ours = std::env::var_os("UNSEE_NOLIN").is_none() && crate::kernels::takes_image(&x) && crate::kernels::takes_image(w) && x.dims()[D - 1] == k
+            && bias.as_ref().is_none_or(|b| crate::kernels::takes_image(b) && b.dims() == [n]);
+        match widened {
+            _ if ours => crate::kernels::linear(x, widened.unwrap_or(stored), bias),
             None => self.forward(x),
-            Some(w) => burn::tensor::module::linear(x, w, self.bias.as_ref().map(|b| b.val())),
+            Some(w) => burn::tensor::module::linear(x, w, bias),
         }
     }
 }
 
 impl Forward<Tensor<4>> for Conv2d {
-    /// k×k convolutions (k > 1) on the CPU go to [`crate::kernels::conv2d`]; 1×1 ones to burn (flex multiplies
-    /// those in place already).
+    /// k×k convolutions (k > 1) on the CPU (f32, outside autodiff) go to [`crate::kernels::conv2d`]; 1×1 ones and
+    /// the rest to burn (flex multiplies 1×1 ones without im2col already, as fast as unsee's gemm measured).
     fn fwd(&self, x: Tensor<4>) -> Tensor<4> {
         let stored = self.weight.val();
         let widened = widened(&stored, x.dtype());
@@ -78,12 +88,7 @@ fn own_conv(conv: &Conv2d, x: &Tensor<4>, w: &Tensor<4>) -> Option<[[usize; 2]; 
         PaddingConfig2d::Valid => (0, 0, 0, 0),
         PaddingConfig2d::Same => return None,
     };
-    // Only on planes of ≥ 64×64 outputs (every VAE decoder level at 512², the UNet's top level): on the
-    // full-size UNet at 256² (planes 32² and below, 320–1,280 channels) flex's own path measured faster
-    // (README *Benchmark*).
-    let oh = (h + t + b).saturating_sub(kh) / conv.stride[0].max(1) + 1;
-    let ow = (wd + l + r).saturating_sub(kw) / conv.stride[1].max(1) + 1;
-    let fits = kh * kw > 1 && oh * ow >= 64 * 64 && h + t + b >= kh && wd + l + r >= kw;
+    let fits = kh * kw > 1 && conv.stride[0] > 0 && conv.stride[1] > 0 && h + t + b >= kh && wd + l + r >= kw;
     (fits && conv.groups == 1 && conv.dilation == [1, 1] && wci == ci && crate::kernels::takes_image(x)
         && crate::kernels::takes_image(w))
         .then_some([[t, b], [l, r]])
