@@ -39,19 +39,27 @@ fn widened<const D: usize>(w: &Tensor<D>, to: burn::tensor::DType) -> Option<Ten
 impl<const D: usize> Forward<Tensor<D>> for Linear {
     /// On the CPU (f32, outside autodiff) [`crate::kernels::linear`]; else burn's.
     fn fwd(&self, x: Tensor<D>) -> Tensor<D> {
-        let stored = self.weight.val();
-        let widened = widened(&stored, x.dtype());
-        let bias = self.bias.as_ref().map(|b| b.val());
-        let w = widened.as_ref().unwrap_or(&stored);
-        let [k, n] = w.dims();
-        let ours = std::env::var_os("UNSEE_NOLIN").is_none() && crate::kernels::takes_image(&x) && crate::kernels::takes_image(w) && x.dims()[D - 1] == k
-            && bias.as_ref().is_none_or(|b| crate::kernels::takes_image(b) && b.dims() == [n]);
-        match widened {
-            _ if ours => crate::kernels::linear(x, widened.unwrap_or(stored), bias),
-            None => self.forward(x),
-            Some(w) => burn::tensor::module::linear(x, w, bias),
+        match own_linear(self, &x) {
+            Ok((w, bias)) => crate::kernels::linear(x, w, bias),
+            Err(None) => self.forward(x),
+            Err(Some(w)) => burn::tensor::module::linear(x, w, self.bias.as_ref().map(|b| b.val())),
         }
     }
+}
+
+/// The weight (widened where stored narrower) and bias of `l` when unsee's CPU kernels take `x · w + b`; else
+/// `Err` with the widened weight for burn's `linear`, or `None` when burn's `forward` takes the layer as it is.
+#[allow(clippy::type_complexity)]
+fn own_linear<const D: usize>(l: &Linear, x: &Tensor<D>)
+    -> Result<(Tensor<2>, Option<Tensor<1>>), Option<Tensor<2>>> {
+    let stored = l.weight.val();
+    let widened = widened(&stored, x.dtype());
+    let bias = l.bias.as_ref().map(|b| b.val());
+    let w = widened.as_ref().unwrap_or(&stored);
+    let [k, n] = w.dims();
+    let ours = crate::kernels::takes_image(x) && crate::kernels::takes_image(w) && x.dims()[D - 1] == k
+        && bias.as_ref().is_none_or(|b| crate::kernels::takes_image(b) && b.dims() == [n]);
+    if ours { Ok((widened.unwrap_or(stored), bias)) } else { Err(widened) }
 }
 
 impl Forward<Tensor<4>> for Conv2d {
@@ -290,7 +298,14 @@ pub struct GEGLU {
 }
 
 impl GEGLU {
+    /// On the CPU (f32, outside autodiff) [`crate::kernels::geglu`]: the projection and the gating in one pass;
+    /// else burn's ops.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        if let Ok((w, bias)) = own_linear(&self.proj, &x) {
+            if w.dims()[1] % 2 == 0 && w.dims()[1] > 0 {
+                return crate::kernels::geglu(x, w, bias);
+            }
+        }
         let h = self.proj.fwd(x);
         let d = h.dims()[2] / 2;
         let hidden = h.clone().narrow(2, 0, d);
