@@ -4,10 +4,12 @@
 //! `expf` once per score: on a UNet step at 512² that is ~27 % of the time in `__expf` alone and ~90 % in attention
 //! on the tiny model (`perf`, README *Benchmark*). [`attention`] computes the same
 //! `softmax(Q Kᵀ · scale) V` a block of query rows at a time: one `gemm` for the scores of the block against every
-//! key, a row softmax with a vectorised `exp`, one `gemm` into the output; blocks run in parallel on rayon. It reads
-//! the `[batch, seq, heads·dim]` projections in place (heads are strides, no split or permute copies) and is used
-//! only for f32 tensors on the CPU outside autodiff (attacks and `harden` keep burn's differentiable op; wgpu keeps
-//! its own kernel).
+//! key, stored column-major (the block's query rows are the vector lanes), a softmax across each column's lanes
+//! with a vectorised `exp` (AVX-512 where the CPU has it; running maxima and sums held in registers, no horizontal
+//! reductions), one `gemm` into the output and each row's `1/Σ` applied to its `d` outputs rather than its `seq`
+//! probabilities; blocks run in parallel on rayon. It reads the `[batch, seq, heads·dim]` projections in place
+//! (heads are strides, no split or permute copies) and is used only for f32 tensors on the CPU outside autodiff
+//! (attacks and `harden` keep burn's differentiable op; wgpu keeps its own kernel).
 //!
 //! **Dequantization.** A quantized weight (burn `QFloat`, [`crate::quant`]) is dequantized by flex at every use in
 //! one single-threaded loop that recomputes each value's block index with a division per dimension (`burn-flex`
@@ -23,10 +25,21 @@
 //!
 //! **Convolution.** flex's k×k convolution converts the whole input to NHWC on one thread, builds im2col tiles,
 //! multiplies them into a scratch buffer and then scatters every result value to its NCHW place one at a time
-//! (a strided scalar store: ~a third of a small VAE decode at 512² by `perf`). [`conv2d`] builds each tile's
-//! columns in NCHW order (row copies, no layout change), and lets `gemm` write the product straight into the NCHW
-//! output (its row stride is the output plane), tiles in parallel. [`crate::nn::Forward`] uses it for output planes
-//! of ≥ 64×64 only: below that (the full-size UNet's deep levels) flex's own path measured faster.
+//! (a strided scalar store: ~a third of a small VAE decode at 512² by `perf`, 16 % of a full-size UNet step at
+//! 256²). [`conv2d`] builds each tile's columns in NCHW order (row copies, no layout change) in a per-thread buffer
+//! it reuses, and lets `gemm` write the product straight into the NCHW output (its row stride is the output plane):
+//! planes of ≥ 64×64 in tiles of ~256 positions in parallel, smaller planes (where the weight, up to 1,280 × 11,520
+//! values, is the large operand) as one tile per image on `gemm`'s own threads. 1×1 convolutions stay with flex
+//! (no im2col there; as fast as this kernel measured).
+//!
+//! **Linear layers and GEGLU.** flex's `matmul` allocates its output as zeroed bytes and copies it once more to
+//! realign it (`FlexTensor::empty`), then adds the bias in another pass: on SD-1.5's `[2, 4096, 320]` projections
+//! it ran at ~140 GFLOP/s where `gemm` alone gives ~340 on this CPU. [`linear`] has `gemm` write into a fresh
+//! output that holds the bias already; [`geglu`] does diffusers' `GEGLU` (projection, halves, exact gelu, product)
+//! a chunk of rows at a time, so the double-width projection is never allocated.
+//!
+//! **Reading tensors.** burn's `into_data` copies a buffer that another tensor shares (a weight, an activation
+//! kept for a residual) twice; the kernels read flex's buffer in place (`flex_f32`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
