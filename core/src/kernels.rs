@@ -529,7 +529,7 @@ fn sum_f64(xs: &[f32], f: impl Fn(f32) -> f32 + Copy) -> f64 {
 }
 
 /// `x ← (x − m)·a + b` (centred first: `a` is up to 1/√ε), then `x ← x · sigmoid(x)` when `silu`, vectorised like
-/// [`softmax_row`].
+/// [`softmax_columns`].
 fn affine(xs: &mut [f32], m: f32, a: f32, b: f32, silu: bool) {
     #[cfg(target_arch = "x86_64")]
     {
@@ -609,10 +609,12 @@ fn softmax_columns_avx2(scores: &mut [f32], max: &mut [f32], sum: &mut [f32]) {
 
 #[inline(always)]
 fn softmax_columns_portable(scores: &mut [f32], max: &mut [f32], sum: &mut [f32]) {
-    if let (Ok(max), Ok(sum)) = (<&mut [f32; ROWS_NARROW]>::try_from(&mut *max), <&mut [f32; ROWS_NARROW]>::try_from(&mut *sum)) {
+    type Narrow<'a> = &'a mut [f32; ROWS_NARROW];
+    type Wide<'a> = &'a mut [f32; ROWS_WIDE];
+    if let (Ok(max), Ok(sum)) = (Narrow::try_from(&mut *max), Narrow::try_from(&mut *sum)) {
         return softmax_columns_fixed(scores, max, sum);
     }
-    if let (Ok(max), Ok(sum)) = (<&mut [f32; ROWS_WIDE]>::try_from(&mut *max), <&mut [f32; ROWS_WIDE]>::try_from(&mut *sum)) {
+    if let (Ok(max), Ok(sum)) = (Wide::try_from(&mut *max), Wide::try_from(&mut *sum)) {
         return softmax_columns_fixed(scores, max, sum);
     }
     let rows = max.len();
@@ -943,7 +945,8 @@ mod tests {
             Tensor::<3>::from_data(TensorData::new((0..n).map(|i| (i as f32 * f).sin() * 2.0).collect::<Vec<_>>(),
                                                    shape), &dev)
         };
-        for (b, sq, sk, heads, d) in [(2, 150, 150, 3, 8), (1, 70, 77, 2, 16), (2, 300, 5, 1, 4), (2, 300, 260, 2, 40)] {
+        for (b, sq, sk, heads, d) in [(2, 150, 150, 3, 8), (1, 70, 77, 2, 16), (2, 300, 5, 1, 4),
+                                      (2, 300, 260, 2, 40)] {
             let (q, k, v) = (t([b, sq, heads * d], 0.37), t([b, sk, heads * d], 0.71), t([b, sk, heads * d], 0.13));
             assert!(takes(&[&q, &k, &v]));
             assert!(!takes(&[&q, &k.clone().autodiff(), &v]), "a key in autodiff goes to burn's op");
