@@ -29,8 +29,8 @@
 //! 256²). [`conv2d`] builds each tile's columns in NCHW order (row copies, no layout change) in a per-thread buffer
 //! it reuses, and lets `gemm` write the product straight into the NCHW output (its row stride is the output plane):
 //! planes of ≥ 64×64 in tiles of ~256 positions in parallel, smaller planes (where the weight, up to 1,280 × 11,520
-//! values, is the large operand) as one tile per image on `gemm`'s own threads. 1×1 convolutions stay with flex
-//! (no im2col there; as fast as this kernel measured).
+//! values, is the large operand) as one tile per image, or as few as keep the columns within 16 MiB, on `gemm`'s
+//! own threads. 1×1 convolutions stay with flex (no im2col there; as fast as this kernel measured).
 //!
 //! **Linear layers and GEGLU.** flex's `matmul` allocates its output as zeroed bytes and copies it once more to
 //! realign it (`FlexTensor::empty`), then adds the bias in another pass: on SD-1.5's `[2, 4096, 320]` projections
@@ -304,7 +304,8 @@ struct SharedMut(*mut f32);
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
-/// The largest column buffer (f32 values) a thread keeps between [`conv2d`] calls: 16 MiB.
+/// The largest column buffer (f32 values) of a small-plane [`conv2d`] tile, and the most a thread keeps between
+/// calls: 16 MiB (a memory bound for phones and the low-memory engine; large planes use ~256-position tiles).
 const SCRATCH_MAX: usize = 1 << 22;
 
 thread_local! {
@@ -328,9 +329,10 @@ pub fn conv2d(x: Tensor<4>, weight: Tensor<4>, bias: Option<Vec<f32>>, stride: [
     let (xv, wv) = (values(&x), values(&weight));
     let (k, plane) = (ci * kh * kw, oh * ow);
     let mut out = vec![0f32; b * co * plane];
-    // Tiles of whole output rows, ~256 positions each; a plane below 64×64 is one tile: there the weight (up to
-    // 1,280 × 11,520 values in SD-1.5's UNet) is the large operand, which `gemm` would pack again for every tile.
-    let rows = if plane < 64 * 64 { oh } else { (256 / ow).max(1) };
+    // Tiles of whole output rows, ~256 positions each; a plane below 64×64 is one tile, or as few as keep its
+    // columns within SCRATCH_MAX: there the weight (up to 1,280 × 11,520 values in SD-1.5's UNet, 2,560 × 11,520
+    // after a skip concatenation) is the large operand, which `gemm` packs again for every tile.
+    let rows = if plane < 64 * 64 { (SCRATCH_MAX / (k * ow).max(1)).clamp(1, oh) } else { (256 / ow).max(1) };
     let tiles = oh.div_ceil(rows);
     let tasks = b * tiles;
     // Few tiles (small latents): one tile at a time with gemm's own threads; else tiles in parallel.
@@ -860,8 +862,8 @@ mod tests {
     }
 
     /// Against burn's `conv2d`: 3×3 with padding 1 (the resnets), stride 2 with asymmetric padding (diffusers'
-    /// `Downsample2D` pads (0, 1, 0, 1)), a wide input, bias or not, batch 2; small planes (one tile per image) and
-    /// planes of ≥ 64×64 (tiles of rows).
+    /// `Downsample2D` pads (0, 1, 0, 1)), a wide input, bias or not, batch 2; small planes (one tile per image, or
+    /// two when the columns would exceed `SCRATCH_MAX`) and planes of ≥ 64×64 (tiles of rows).
     #[test]
     fn conv2d_matches_burns() {
         use burn::tensor::ops::ConvOptions;
@@ -881,6 +883,8 @@ mod tests {
             ([2, 3, 70, 66], 4, 3, [1, 1], [[0, 0], [0, 0]], false),
             ([2, 3, 70, 66], 4, 3, [1, 1], [[1, 1], [1, 1]], true),
             ([1, 2, 141, 130], 3, 3, [2, 2], [[0, 1], [0, 1]], true),
+            // A small plane whose columns exceed SCRATCH_MAX: two tiles.
+            ([1, 300, 40, 50], 2, 3, [1, 1], [[1, 1], [1, 1]], true),
         ] {
             let xt = t(x, 0.37);
             let wt = t([co, x[1], k, k], 0.71);
