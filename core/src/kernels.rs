@@ -422,16 +422,26 @@ pub fn linear<const D: usize>(x: Tensor<D>, w: Tensor<2>, bias: Option<Tensor<1>
     dims[D - 1] = n;
     let (x, w, bias) = (flex_f32(x), flex_f32(w), bias.map(flex_f32));
     let mut out = vec![0f32; m * n];
-    if let Some(b) = &bias {
-        out.par_chunks_mut(n.max(1)).for_each(|row| row.copy_from_slice(values(b)));
-    }
-    let parallelism = if m * n * k >= 192 * 192 * 192 { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
-    // SAFETY: `x` is m × k, `w` k × n and `out` m × n, all row-major and contiguous.
-    unsafe {
-        gemm::gemm(m, n, k, out.as_mut_ptr(), 1, n as isize, bias.is_some(), values(&x).as_ptr(), 1, k as isize,
-                   values(&w).as_ptr(), 1, n as isize, 1.0, 1.0, false, false, false, parallelism);
-    }
+    product_plus_bias(&mut out, values(&x), values(&w), bias.as_ref().map(values), k, n);
     tensor(out, dims)
+}
+
+/// `out = x · w + bias` for row-major `x` (rows × k), `w` (k × n) and `out` (rows × n, `rows` from its length):
+/// the bias written into every row first, then `gemm` accumulating into it (on its own threads above 192³ products,
+/// as flex decides for its matmuls). Shared by [`linear`] and [`geglu`].
+fn product_plus_bias(out: &mut [f32], x: &[f32], w: &[f32], bias: Option<&[f32]>, k: usize, n: usize) {
+    let rows = out.len() / n.max(1);
+    assert!(x.len() >= rows * k && w.len() == k * n && bias.is_none_or(|b| b.len() == n), "operand sizes");
+    if let Some(b) = bias {
+        out.par_chunks_mut(n.max(1)).for_each(|row| row.copy_from_slice(b));
+    }
+    let parallelism =
+        if rows * n * k >= 192 * 192 * 192 { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
+    // SAFETY: the sizes were checked above; all three are row-major and contiguous.
+    unsafe {
+        gemm::gemm(rows, n, k, out.as_mut_ptr(), 1, n as isize, bias.is_some(), x.as_ptr(), 1, k as isize,
+                   w.as_ptr(), 1, n as isize, 1.0, 1.0, false, false, false, parallelism);
+    }
 }
 
 /// diffusers' `GEGLU`: `h · gelu(g)` where `[h, g]` = `x · w + bias` split in halves along the last axis (`w`:
@@ -456,19 +466,7 @@ pub fn geglu<const D: usize>(x: Tensor<D>, w: Tensor<2>, bias: Option<Tensor<1>>
     for r0 in (0..m).step_by(chunk) {
         let rows = chunk.min(m - r0);
         let s = &mut scratch[..rows * n2];
-        if let Some(b) = &bias {
-            s.par_chunks_mut(n2).for_each(|row| row.copy_from_slice(values(b)));
-        }
-        let parallelism = if rows * n2 * k >= 192 * 192 * 192 {
-            gemm::Parallelism::Rayon(0)
-        } else {
-            gemm::Parallelism::None
-        };
-        // SAFETY: rows r0.. of `x` are rows × k, `w` is k × n2 and `s` rows × n2, all row-major and contiguous.
-        unsafe {
-            gemm::gemm(rows, n2, k, s.as_mut_ptr(), 1, n2 as isize, bias.is_some(), xv[r0 * k..].as_ptr(), 1,
-                       k as isize, wv.as_ptr(), 1, n2 as isize, 1.0, 1.0, false, false, false, parallelism);
-        }
+        product_plus_bias(s, &xv[r0 * k..], wv, bias.as_ref().map(values), k, n2);
         out[r0 * d..(r0 + rows) * d].par_chunks_mut(d).zip(s.par_chunks(n2)).for_each(|(o, hg)| {
             let (h, g) = hg.split_at(d);
             for ((o, h), g) in o.iter_mut().zip(h).zip(g) {
