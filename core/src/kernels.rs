@@ -949,6 +949,17 @@ mod tests {
         }
     }
 
+    /// Output buffers: the requested length, all zeros, below and above the huge-page size (where the `madvise`
+    /// path runs on Linux) and at unaligned lengths.
+    #[test]
+    fn outputs_are_zeroed() {
+        for len in [0, 5, 3 << 20, (3 << 20) + 7, 5 << 20] {
+            let v = output(len);
+            assert_eq!(v.len(), len);
+            assert!(v.iter().all(|x| *x == 0.0));
+        }
+    }
+
     /// Against burn's `conv2d`: 3×3 with padding 1 (the resnets), stride 2 with asymmetric padding (diffusers'
     /// `Downsample2D` pads (0, 1, 0, 1)), a wide input, bias or not, batch 2; small planes (one tile per image, or
     /// two when the columns would exceed `SCRATCH_MAX`; split along positions or, with more channels than
