@@ -29,8 +29,9 @@
 //! 256²). [`conv2d`] builds each tile's columns in NCHW order (row copies, no layout change) in a per-thread buffer
 //! it reuses, and lets `gemm` write the product straight into the NCHW output (its row stride is the output plane):
 //! planes of ≥ 64×64 in tiles of ~256 positions in parallel, smaller planes (where the weight, up to 1,280 × 11,520
-//! values, is the large operand) as one tile per image, or as few as keep the columns within 16 MiB, on `gemm`'s
-//! own threads. 1×1 convolutions stay with flex (no im2col there; as fast as this kernel measured).
+//! values, is the large operand) as one tile per image, or as few as keep the columns within 16 MiB, each product
+//! split across the threads (`gemm`'s own threading left a core partly idle there). 1×1 convolutions stay with flex
+//! (no im2col there; as fast as this kernel measured).
 //!
 //! **Linear layers and GEGLU.** flex's `matmul` allocates its output as zeroed bytes and copies it once more to
 //! realign it (`FlexTensor::empty`), then adds the bias in another pass: on SD-1.5's `[2, 4096, 320]` projections
@@ -92,16 +93,22 @@ fn tensor<const D: usize>(v: Vec<f32>, shape: [usize; D]) -> Tensor<D> {
     Tensor::from_primitive::<Flex>(FlexTensor::from_data(TensorData::new(v, shape)))
 }
 
-/// A zeroed buffer of `len` values for an output that is about to be written in full. From 8 MiB up, `calloc` hands
-/// out fresh pages that the first writes fault in 4 KiB at a time; where Linux offers transparent huge pages on
-/// request (`madvise` mode, as on this machine), the buffer asks for them, so those writes fault 2 MiB at a time.
-/// Only advice: the contents and size are unchanged. Measured on the full-size VAE decode bench at 256² (load and
-/// four decodes): 710,000 page faults and 8 % of the CPU time in the kernel before; 331,000 with this, 176,000 with
-/// [`group_norm`] writing a shared input's result straight into such a buffer too.
+/// The smallest output (bytes) that [`output`] asks huge pages for: 32 MiB, glibc's largest dynamic mmap threshold,
+/// so the buffer is always a mapping of its own there and the advice ends with it (below that, a freed block's
+/// address range may be handed out again for unrelated small allocations, which would inherit the advice).
+#[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
+const HUGE_FROM: usize = 32 << 20;
+
+/// A zeroed buffer of `len` values for an output that is about to be written in full. From [`HUGE_FROM`] up the
+/// allocator maps fresh pages, which the first writes fault in 4 KiB at a time; where Linux offers transparent huge
+/// pages on request (`madvise` mode, as on this machine), the buffer asks for them, so those writes fault 2 MiB at
+/// a time. Only advice: the contents and size are unchanged. Measured on the full-size VAE decode bench at 256²
+/// (load and four decodes): 710,000 page faults and 8 % of the CPU time in the kernel before; with the advice from
+/// 8 MiB 331,000, and 176,000 with [`group_norm`] writing a shared input's result straight into such a buffer too.
 fn output(len: usize) -> Vec<f32> {
     let v = vec![0f32; len];
     #[cfg(any(target_os = "linux", target_os = "android"))]
-    if len * 4 >= 8 << 20 {
+    if len * 4 >= HUGE_FROM {
         const HUGE: usize = 2 << 20;
         let (start, end) = (v.as_ptr() as usize, v.as_ptr() as usize + len * 4);
         let (start, end) = (start.next_multiple_of(HUGE), end / HUGE * HUGE);
@@ -323,7 +330,7 @@ pub fn upsample_nearest_2x(x: Tensor<4>) -> Tensor<4> {
 /// A raw pointer shared by tasks that write disjoint parts of one buffer.
 #[derive(Clone, Copy)]
 struct SharedMut(*mut f32);
-// SAFETY: every task writes only its own output positions (see [`conv2d`]).
+// SAFETY: every task writes only its own part of the output (positions or channels, see [`conv2d`]).
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
@@ -345,7 +352,7 @@ thread_local! {
 /// Planes of ≥ 64×64 outputs: tiles of ~256 positions, in parallel, one single-threaded `gemm` each. Smaller planes
 /// (a latent's lower levels): as few tiles as keep the columns within [`SCRATCH_MAX`], one after another, each
 /// product split across the threads along its larger side — positions, or output channels when the weight is the
-/// larger operand — so that `gemm` packs each operand part once. Against `gemm`'s own threading on one tile
+/// larger operand — so that only the smaller operand is packed again by every part. Against `gemm`'s own threading on one tile
 /// (before), measured: 2,560 → 1,280 channels on 8×8 21 → 12 ms, 640 → 640 on 32×32 30 → 23 ms.
 pub fn conv2d(x: Tensor<4>, weight: Tensor<4>, bias: Option<Vec<f32>>, stride: [usize; 2], pad: [[usize; 2]; 2])
     -> Tensor<4> {
@@ -465,8 +472,11 @@ impl Im2col {
                         // ix = ox + kj − pl inside [0, w)
                         let lo = pl.saturating_sub(kj).min(ow);
                         let hi = (w + pl).saturating_sub(kj).min(ow).max(lo);
+                        // (empty when the padding is wider than the row: then no index is formed)
                         dst_row[..lo].fill(0.0);
-                        dst_row[lo..hi].copy_from_slice(&src[lo + kj - pl..hi + kj - pl]);
+                        if hi > lo {
+                            dst_row[lo..hi].copy_from_slice(&src[lo + kj - pl..hi + kj - pl]);
+                        }
                         dst_row[hi..].fill(0.0);
                     } else {
                         for (ox, d) in dst_row.iter_mut().enumerate() {
@@ -988,6 +998,9 @@ mod tests {
             // More output channels than positions: the product split along the channels, a short last part.
             ([2, 3, 5, 4], 37, 3, [1, 1], [[1, 1], [1, 1]], true),
             ([1, 6, 4, 4], 50, 3, [2, 2], [[1, 1], [1, 1]], false),
+            // One output position; a left padding wider than the input row (no copy at all in some rows).
+            ([2, 3, 3, 3], 5, 3, [1, 1], [[0, 0], [0, 0]], true),
+            ([1, 2, 3, 1], 2, 3, [1, 1], [[1, 1], [5, 0]], true),
         ] {
             let xt = t(x, 0.37);
             let wt = t([co, x[1], k, k], 0.71);
@@ -995,10 +1008,18 @@ mod tests {
             let opts = ConvOptions::new_with_padding(stride, [(pad[0][0], pad[0][1]), (pad[1][0], pad[1][1])],
                                                      [1, 1], 1);
             let want = burn::tensor::module::conv2d(xt.clone(), wt.clone(), bt.clone(), opts);
-            let got = conv2d(xt, wt, bt.map(|b| crate::tensor::to_f32_vec(b).unwrap()), stride, pad);
-            assert_eq!(got.dims(), want.dims(), "{x:?} {stride:?} {pad:?}");
-            let diff = (got - want).abs().max().into_scalar::<f32>();
-            assert!(diff < 1e-4, "{x:?} {stride:?} {pad:?}: max difference {diff}");
+            let bias = bt.map(|b| crate::tensor::to_f32_vec(b).unwrap());
+            // On this machine's threads, and in pools of 1 and 3 (no split; uneven parts) whatever the machine.
+            let got = conv2d(xt.clone(), wt.clone(), bias.clone(), stride, pad);
+            let pooled = [1, 3].map(|threads| {
+                rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap()
+                    .install(|| conv2d(xt.clone(), wt.clone(), bias.clone(), stride, pad))
+            });
+            for got in [got].into_iter().chain(pooled) {
+                assert_eq!(got.dims(), want.dims(), "{x:?} {stride:?} {pad:?}");
+                let diff = (got - want.clone()).abs().max().into_scalar::<f32>();
+                assert!(diff < 1e-4, "{x:?} {stride:?} {pad:?}: max difference {diff}");
+            }
         }
     }
 
