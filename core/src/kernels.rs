@@ -352,8 +352,8 @@ thread_local! {
 /// Planes of ≥ 64×64 outputs: tiles of ~256 positions, in parallel, one single-threaded `gemm` each. Smaller planes
 /// (a latent's lower levels): as few tiles as keep the columns within [`SCRATCH_MAX`], one after another, each
 /// product split across the threads along its larger side — positions, or output channels when the weight is the
-/// larger operand — so that only the smaller operand is packed again by every part. Against `gemm`'s own threading on one tile
-/// (before), measured: 2,560 → 1,280 channels on 8×8 21 → 12 ms, 640 → 640 on 32×32 30 → 23 ms.
+/// larger operand — so that only the smaller operand is packed again by every part. Against `gemm`'s own threading
+/// on one tile (before), measured: 2,560 → 1,280 channels on 8×8 21 → 12 ms, 640 → 640 on 32×32 30 → 23 ms.
 pub fn conv2d(x: Tensor<4>, weight: Tensor<4>, bias: Option<Vec<f32>>, stride: [usize; 2], pad: [[usize; 2]; 2])
     -> Tensor<4> {
     let [b, ci, h, w] = x.dims();
