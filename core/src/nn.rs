@@ -6,9 +6,9 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Dropout, DropoutConfig, GroupNorm, GroupNormConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig,
                PaddingConfig2d};
 use burn::tensor::activation::{gelu, silu};
-use burn::tensor::module::{attention, interpolate};
-use burn::tensor::ops::{AttentionModuleOptions, InterpolateMode, InterpolateOptions};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::module::{attention, conv2d as conv2d_op, interpolate};
+use burn::tensor::ops::{AttentionModuleOptions, ConvOptions, InterpolateMode, InterpolateOptions};
+use burn::tensor::{DType, Device, Tensor};
 
 /// `forward` of a `Linear` or `Conv2d` on unsee's CPU kernels where they apply: a weight stored narrower than the
 /// activations — quantized, or f16 in a bundle ([`crate::quant`]) — is widened for this one call
@@ -77,6 +77,9 @@ impl Forward<Tensor<4>> for Conv2d {
                 bias => return crate::kernels::conv2d(x, w, bias.map(|b| b.unwrap_or_default()), self.stride, pad),
             }
         }
+        if let Some(y) = conv_summing_in_f32(self, &x, &w) {
+            return y;
+        }
         if !converted {
             return self.forward(x);
         }
@@ -86,24 +89,81 @@ impl Forward<Tensor<4>> for Conv2d {
     }
 }
 
+/// `conv`'s padding as `(top, left, bottom, right)`. Every conv unsee builds has explicit padding ([`conv2d`]);
+/// `None` for `Same`, which only burn's `forward` resolves.
+fn explicit_padding(conv: &Conv2d) -> Option<(usize, usize, usize, usize)> {
+    match conv.padding {
+        PaddingConfig2d::Explicit(t, l, b, r) => Some((t, l, b, r)),
+        PaddingConfig2d::Valid => Some((0, 0, 0, 0)),
+        PaddingConfig2d::Same => None,
+    }
+}
+
 /// The padding `[[top, bottom], [left, right]]` when [`crate::kernels::conv2d`] takes this convolution.
 fn own_conv(conv: &Conv2d, x: &Tensor<4>, w: &Tensor<4>) -> Option<[[usize; 2]; 2]> {
     let [_, ci, h, wd] = x.dims();
     let [_, wci, kh, kw] = w.dims();
-    // Every conv unsee builds has explicit padding ([`conv2d`]); `Same` goes to burn.
-    let (t, l, b, r) = match conv.padding {
-        PaddingConfig2d::Explicit(t, l, b, r) => (t, l, b, r),
-        PaddingConfig2d::Valid => (0, 0, 0, 0),
-        PaddingConfig2d::Same => return None,
-    };
+    let (t, l, b, r) = explicit_padding(conv)?;
     let fits = kh * kw > 1 && conv.stride[0] > 0 && conv.stride[1] > 0 && h + t + b >= kh && wd + l + r >= kw;
     (fits && conv.groups == 1 && conv.dilation == [1, 1] && wci == ci && crate::kernels::takes_image(x)
         && crate::kernels::takes_image(w))
         .then_some([[t, b], [l, r]])
 }
 
+/// The most bytes one f32 band of [`conv_summing_in_f32`] or [`norm_on_gpu`] takes (its input or its output), and
+/// of one chunk of attention scores ([`multi_head_attention`]): a quarter of the 128 MiB that every WebGPU device
+/// binds at least, so the f32 copies fit wherever the f16 tensors do.
+const F32_BAND_BYTES: usize = 32 << 20;
+
+/// A tensor on a GPU outside autodiff, where unsee works around burn 0.22's wgpu kernels ([`conv_summing_in_f32`]
+/// for half precision, [`norm_on_gpu`], [`multi_head_attention`]'s chunks).
+fn on_gpu<const D: usize>(x: &Tensor<D>) -> bool {
+    x.device() != Device::flex() && !x.is_autodiff()
+}
+
+/// A half-precision convolution on a GPU with its sums in f32. burn's direct convolution — what wgpu devices without
+/// cooperative-matrix units run (lavapipe, most phones) — keeps its running sum in the tensor's element type
+/// (cubek-convolution 0.3.1, `kernels/forward/direct.rs`); over SD's K = 4,608–11,520 products that lost 2–3 % of
+/// the largest output on lavapipe (`parity_wgpu`'s `full_size_layers_on_wgpu_match_the_cpu`). Here the input is
+/// widened to f32 one band of output rows at a time — with the rows its window reaches above and below, and the
+/// padding only where a band meets the border — convolved by burn in f32 and narrowed back, so that no f32 copy
+/// exceeds [`F32_BAND_BYTES`] even where the f16 activation fills a binding (256 channels at 512² in the VAE's
+/// decoder). `None` where it does not apply (f32, the CPU, autodiff — see [`on_gpu`] —, `Same` padding, a padding
+/// as tall as the window, an empty tensor): burn's `forward` takes those.
+fn conv_summing_in_f32(conv: &Conv2d, x: &Tensor<4>, w: &Tensor<4>) -> Option<Tensor<4>> {
+    let dtype = x.dtype();
+    if !on_gpu(x) || !matches!(dtype, DType::F16 | DType::BF16) {
+        return None;
+    }
+    let (t, l, b, r) = explicit_padding(conv)?;
+    let ([n, ci, h, wd], [co, _, kh, kw]) = (x.dims(), w.dims());
+    let ([sh, sw], [dh, dw]) = (conv.stride, conv.dilation);
+    let (reach_h, reach_w) = ((kh.max(1) - 1) * dh + 1, (kw.max(1) - 1) * dw + 1);
+    // Past these, burn's own checks report the shape; a padding as tall as the window would make all-padding bands.
+    if n * ci * h * wd * co * kh * kw * sh * sw == 0 || h + t + b < reach_h || wd + l + r < reach_w
+        || t >= reach_h || b >= reach_h {
+        return None;
+    }
+    let (ho, wo) = ((h + t + b - reach_h) / sh + 1, (wd + l + r - reach_w) / sw + 1);
+    let row_bytes = 4 * n * (ci * sh * (wd + l + r)).max(co * wo);
+    let rows = (F32_BAND_BYTES / row_bytes).clamp(1, ho);
+    let (w, bias) = (w.clone().cast(DType::F32), conv.bias.as_ref().map(|b| b.val().cast(DType::F32)));
+    let mut bands = (0..ho).step_by(rows).map(|o0| {
+        let o1 = (o0 + rows).min(ho);
+        // Input rows of output rows o0..o1, counted from the top of the unpadded input (negative: padding).
+        let (y0, y1) = ((o0 * sh) as isize - t as isize, ((o1 - 1) * sh + reach_h) as isize - t as isize);
+        let (a, z) = (y0.max(0) as usize, y1.min(h as isize) as usize);
+        let pad = [((a as isize - y0) as usize, (y1 - z as isize) as usize), (l, r)];
+        let band = x.clone().slice([0..n, 0..ci, a..z, 0..wd]).cast(DType::F32);
+        conv2d_op(band, w.clone(), bias.clone(), ConvOptions::new_with_padding([sh, sw], pad, [dh, dw], conv.groups))
+            .cast(dtype)
+    }).collect::<Vec<_>>();
+    Some(if bands.len() == 1 { bands.remove(0) } else { Tensor::cat(bands, 2) })
+}
+
 /// `GroupNorm` over `[b, c, h, w]`, then SiLU when `silu_after` (the order every resnet and `conv_norm_out` uses):
-/// unsee's CPU kernel ([`crate::kernels::group_norm`]) for f32 on the CPU outside autodiff, burn's ops otherwise.
+/// unsee's CPU kernel ([`crate::kernels::group_norm`]) for f32 on the CPU outside autodiff, [`norm_on_gpu`] on a
+/// GPU, burn's ops otherwise.
 pub fn norm(gn: &GroupNorm, x: Tensor<4>, silu_after: bool) -> Tensor<4> {
     let c = x.dims()[1];
     if crate::kernels::takes_image(&x) && gn.num_groups > 0 && c == gn.num_channels && c % gn.num_groups == 0 {
@@ -116,8 +176,61 @@ pub fn norm(gn: &GroupNorm, x: Tensor<4>, silu_after: bool) -> Tensor<4> {
             return crate::kernels::group_norm(x, gn.num_groups, gamma, beta, gn.epsilon, silu_after);
         }
     }
+    if let Some(y) = norm_on_gpu(gn, &x, silu_after) {
+        return y;
+    }
     let y = gn.forward(x);
     if silu_after { silu(y) } else { y }
+}
+
+/// [`norm`] on a GPU (any float dtype), with its statistics in f32 and its means taken in stages. Two faults of
+/// burn 0.22 on wgpu, measured on lavapipe (2026-11-27): `mean_dim` over rows × length past ~500,000 values is wrong
+/// even in f32 (8 rows of 65,536: off by 3.6e-3; 8 or 32 rows of 262,144: whole rows 0 instead of 3), which put the
+/// group norm of 128 channels at 256² (32 groups of 262,144 values) up to 458 off for outputs of a few units; and f16
+/// sums. So the input is widened to f32 a band of whole groups at a time (at most [`F32_BAND_BYTES`] each), its
+/// mean and biased variance taken by [`staged_mean`], `eps` inside the square root as torch does, and narrowed back.
+/// `None` on the CPU and under autodiff (see [`on_gpu`]), and for groups that do not divide the channels (burn's
+/// `forward` reports those).
+fn norm_on_gpu(gn: &GroupNorm, x: &Tensor<4>, silu_after: bool) -> Option<Tensor<4>> {
+    let ([n, c, h, w], groups, dtype) = (x.dims(), gn.num_groups, x.dtype());
+    if !on_gpu(x) || groups == 0 || c != gn.num_channels || c % groups != 0 || n * c * h * w == 0 {
+        return None;
+    }
+    let per_group = c / groups;
+    let per_band = (F32_BAND_BYTES / (4 * n * per_group * h * w)).clamp(1, groups);
+    let param = |p: &Option<burn::module::Param<Tensor<1>>>| {
+        p.as_ref().filter(|_| gn.affine).map(|p| p.val().cast(DType::F32))
+    };
+    let (gamma, beta) = (param(&gn.gamma), param(&gn.beta));
+    let mut bands = (0..groups).step_by(per_band).map(|g0| {
+        let (c0, cc) = (g0 * per_group, per_band.min(groups - g0) * per_group);
+        let xs = x.clone().narrow(1, c0, cc).cast(DType::F32).reshape([n, cc / per_group, per_group * h * w]);
+        let centred = xs.clone() - staged_mean(xs);
+        let var = staged_mean(centred.clone().square());
+        let mut y = (centred / var.add_scalar(gn.epsilon).sqrt()).reshape([n, cc, h, w]);
+        let per_channel = |p: &Tensor<1>| p.clone().narrow(0, c0, cc).reshape([1, cc, 1, 1]);
+        if let Some(g) = &gamma {
+            y = y * per_channel(g);
+        }
+        if let Some(b) = &beta {
+            y = y + per_channel(b);
+        }
+        if silu_after { silu(y) } else { y }.cast(dtype)
+    }).collect::<Vec<_>>();
+    Some(if bands.len() == 1 { bands.remove(0) } else { Tensor::cat(bands, 1) })
+}
+
+/// The mean over the last axis of `[a, b, len]` (`[a, b, 1]`), taken as means of equal chunks of at most 1,024
+/// values (the largest divisor of `len` up to 1,024), then means of those, and so on: burn's `mean_dim` on wgpu is
+/// right at that length (see [`norm_on_gpu`]). A `len` with no divisor between 2 and 1,024 below itself (a prime
+/// above 1,024) is reduced by `mean_dim` at once.
+fn staged_mean(x: Tensor<3>) -> Tensor<3> {
+    let [a, b, len] = x.dims();
+    let chunk = (2..=len.min(1024)).rev().find(|d| len % d == 0).unwrap_or(len);
+    if chunk == len {
+        return x.mean_dim(2);
+    }
+    staged_mean(x.reshape([a * b, len / chunk, chunk]).mean_dim(2).reshape([a, b, len / chunk]))
 }
 
 pub fn linear(d_in: usize, d_out: usize, bias: bool, device: &Device) -> Linear {
@@ -148,15 +261,22 @@ pub fn multi_head_attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usi
         return crate::kernels::attention(q, k, v, heads, 1.0 / (d as f32).sqrt());
     }
     let split = |x: Tensor<3>, s: usize| x.reshape([b, s, heads, d]).swap_dims(1, 2);
-    let out = attention(
-        split(q, sq),
-        split(k, sk),
-        split(v, sk),
-        None,
-        None,
-        AttentionModuleOptions { scale: Some(1.0 / (d as f64).sqrt()), softcap: None, is_causal: causal },
-    );
-    out.swap_dims(1, 2).reshape([b, sq, c])
+    let options = AttentionModuleOptions { scale: Some(1.0 / (d as f64).sqrt()), softcap: None, is_causal: causal };
+    // On a GPU, queries in chunks whose scores stay within a band (see [`F32_BAND_BYTES`]): burn 0.22 on wgpu
+    // materialises the whole `[b, heads, queries, keys]` score matrix where it has no fused kernel — on lavapipe the
+    // UNet's 8 heads over 4,096 positions at 512² asked for one 512 MiB buffer and failed. Each query's softmax is
+    // its own, so chunks change nothing (a causal mask would, and only the text encoder's 77 tokens use one).
+    let rows = match on_gpu(&q) && !causal && sq > 0 {
+        true => (F32_BAND_BYTES / (4 * b * heads * sk).max(1)).clamp(1, sq),
+        false => sq,
+    };
+    let (k, v) = (split(k, sk), split(v, sk));
+    let mut parts = (0..sq.max(1)).step_by(rows.max(1)).map(|s0| {
+        let n = rows.min(sq - s0);
+        let q = if n == sq { q.clone() } else { q.clone().narrow(1, s0, n) };
+        attention(split(q, n), k.clone(), v.clone(), None, None, options).swap_dims(1, 2).reshape([b, n, c])
+    }).collect::<Vec<_>>();
+    if parts.len() == 1 { parts.remove(0) } else { Tensor::cat(parts, 1) }
 }
 
 /// `diffusers.models.attention_processor.Attention`: self- or cross-attention with `to_q/to_k/to_v/to_out.0`

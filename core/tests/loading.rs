@@ -76,8 +76,8 @@ fn f16_compute_on_cpu_stays_close_to_f32() {
     let sd = StableDiffusion::load(&model_dir("tiny"), dev, &LoadOptions::default()).unwrap();
     assert_eq!(sd.unet.conv_in.weight.val().dtype(), DType::F16);
     let g = Golden::load("tiny");
-    // Half precision: 11 mantissa bits through ~40 layers and 10 steps.
-    check_run(&sd, &g, "ddim", SchedulerKind::Ddim, 5e-2);
+    // Half precision: 11 mantissa bits through ~40 layers and 10 steps (measured 0.14 of latents up to 27: 5e-3).
+    check_run(&sd, &g, "ddim", SchedulerKind::Ddim, 1e-2);
 }
 
 #[test]
